@@ -1,0 +1,369 @@
+//! Documents in memory over storage: loaded on first use, saved
+//! incrementally, compacted when the incrementals outgrow the snapshot, and
+//! evicted when idle and over budget.
+
+use std::collections::{BTreeSet, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use automerge::{AutoCommit, ChangeHash};
+use sha2::{Digest, Sha256};
+
+use crate::DocumentId;
+use crate::error::{RepoError, StorageError};
+use crate::storage::{Storage, StorageKey, WriteBatch};
+
+/// A document held in memory.
+pub(crate) struct Loaded {
+    pub(crate) doc: AutoCommit,
+    /// The snapshot key and its size, if one is stored.
+    snapshot: Option<(StorageKey, usize)>,
+    /// Stored incremental chunks (keys) and their total size.
+    incrementals: Vec<StorageKey>,
+    incremental_bytes: usize,
+    /// Has changes not yet written to storage.
+    pub(crate) dirty: bool,
+    /// Kept in memory even when idle (an outstanding request for it).
+    pub(crate) pinned: bool,
+    last_used: u64,
+}
+
+/// What a flush wrote for one document, applied to memory once durable.
+pub(crate) struct SavePlan {
+    document: DocumentId,
+    kind: SaveKind,
+}
+
+enum SaveKind {
+    Incremental { key: StorageKey, bytes: usize },
+    Compacted { key: StorageKey, bytes: usize },
+}
+
+/// Turn a panic payload into a message.
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_owned()
+    }
+}
+
+pub(crate) fn doc_prefix(id: &DocumentId) -> StorageKey {
+    StorageKey::from_trusted(vec![id.to_string()])
+}
+
+fn doc_key(id: &DocumentId, kind: &str, name: String) -> StorageKey {
+    StorageKey::from_trusted(vec![id.to_string(), kind.to_owned(), name])
+}
+
+/// Hash of a set of heads, as the snapshot key.
+fn heads_hash(heads: &[ChangeHash]) -> String {
+    let mut sorted = heads.to_vec();
+    sorted.sort();
+    let mut h = Sha256::new();
+    for head in &sorted {
+        h.update(head.0);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Tuning for the document cache and compaction.
+#[derive(Clone, Debug)]
+pub struct DocumentsConfig {
+    /// Documents kept in memory before idle ones are evicted.
+    pub max_loaded_documents: usize,
+    /// Incremental bytes below which a document is never compacted.
+    pub compaction_min_bytes: usize,
+}
+
+impl Default for DocumentsConfig {
+    fn default() -> Self {
+        Self {
+            max_loaded_documents: 1024,
+            compaction_min_bytes: 64 * 1024,
+        }
+    }
+}
+
+pub(crate) struct Documents<S> {
+    pub(crate) storage: S,
+    config: DocumentsConfig,
+    loaded: HashMap<DocumentId, Loaded>,
+    quarantined: HashMap<DocumentId, String>,
+    clock: u64,
+}
+
+impl<S: Storage> Documents<S> {
+    pub(crate) fn new(storage: S, config: DocumentsConfig) -> Self {
+        Self {
+            storage,
+            config,
+            loaded: HashMap::new(),
+            quarantined: HashMap::new(),
+            clock: 0,
+        }
+    }
+
+    pub(crate) fn loaded_count(&self) -> usize {
+        self.loaded.len()
+    }
+
+    pub(crate) fn is_loaded(&self, id: &DocumentId) -> bool {
+        self.loaded.contains_key(id)
+    }
+
+    pub(crate) fn quarantine_reason(&self, id: &DocumentId) -> Option<&str> {
+        self.quarantined.get(id).map(String::as_str)
+    }
+
+    pub(crate) fn quarantined(&self) -> impl Iterator<Item = (&DocumentId, &str)> {
+        self.quarantined.iter().map(|(k, v)| (k, v.as_str()))
+    }
+
+    /// Drop the document from memory and refuse it until released.
+    pub(crate) fn quarantine(&mut self, id: DocumentId, reason: String) {
+        self.loaded.remove(&id);
+        self.quarantined.insert(id, reason);
+    }
+
+    pub(crate) fn release(&mut self, id: &DocumentId) -> bool {
+        self.quarantined.remove(id).is_some()
+    }
+
+    /// Whether the document is in memory or in storage.
+    pub(crate) fn exists(&self, id: &DocumentId) -> Result<bool, StorageError> {
+        if self.loaded.contains_key(id) {
+            return Ok(true);
+        }
+        Ok(!self.storage.scan(&doc_prefix(id), None, 1)?.is_empty())
+    }
+
+    /// Add a new document that is not in storage yet.
+    pub(crate) fn insert_new(&mut self, id: DocumentId, doc: AutoCommit) {
+        self.clock += 1;
+        self.loaded.insert(
+            id,
+            Loaded {
+                doc,
+                snapshot: None,
+                incrementals: Vec::new(),
+                incremental_bytes: 0,
+                dirty: true,
+                pinned: false,
+                last_used: self.clock,
+            },
+        );
+    }
+
+    /// The document, loading it from storage if needed; `Ok(None)` if it is
+    /// in neither.
+    pub(crate) fn get(&mut self, id: &DocumentId) -> Result<Option<&mut Loaded>, RepoError> {
+        if let Some(reason) = self.quarantined.get(id) {
+            return Err(RepoError::Quarantined {
+                document: *id,
+                reason: reason.clone(),
+            });
+        }
+        self.clock += 1;
+        if !self.loaded.contains_key(id) {
+            match self.load(id)? {
+                Some(loaded) => {
+                    self.loaded.insert(*id, loaded);
+                }
+                None => return Ok(None),
+            }
+        }
+        let entry = self.loaded.get_mut(id).expect("inserted above");
+        entry.last_used = self.clock;
+        Ok(Some(entry))
+    }
+
+    fn load(&mut self, id: &DocumentId) -> Result<Option<Loaded>, RepoError> {
+        let entries = self.storage.scan(&doc_prefix(id), None, usize::MAX)?;
+        let mut snapshot = None;
+        let mut incrementals = Vec::new();
+        for (key, value) in entries {
+            match key.parts().get(1).map(String::as_str) {
+                Some("snapshot") => {
+                    // Two snapshots can only coexist if a compaction's delete
+                    // was lost; both load fine, keep the larger.
+                    if snapshot
+                        .as_ref()
+                        .is_none_or(|(_, v): &(StorageKey, Vec<u8>)| v.len() < value.len())
+                    {
+                        snapshot = Some((key, value));
+                    }
+                }
+                Some("incremental") => incrementals.push((key, value)),
+                _ => {}
+            }
+        }
+        if snapshot.is_none() && incrementals.is_empty() {
+            return Ok(None);
+        }
+        let corrupt = |reason: String| RepoError::CorruptDocument {
+            document: *id,
+            reason,
+        };
+        let loaded = catch_unwind(AssertUnwindSafe(|| -> Result<Loaded, RepoError> {
+            let mut doc = match &snapshot {
+                Some((_, bytes)) => AutoCommit::load(bytes).map_err(|e| corrupt(e.to_string()))?,
+                None => AutoCommit::new(),
+            };
+            let mut incremental_bytes = 0;
+            for (_, bytes) in &incrementals {
+                doc.load_incremental(bytes)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                incremental_bytes += bytes.len();
+            }
+            // Mark everything loaded as saved.
+            let _ = doc.save_incremental();
+            Ok(Loaded {
+                doc,
+                snapshot: snapshot.as_ref().map(|(k, v)| (k.clone(), v.len())),
+                incrementals: incrementals.iter().map(|(k, _)| k.clone()).collect(),
+                incremental_bytes,
+                dirty: false,
+                pinned: false,
+                last_used: self.clock,
+            })
+        }));
+        match loaded {
+            Ok(result) => result.map(Some),
+            Err(panic) => {
+                let reason = format!("automerge panicked while loading: {}", panic_message(panic));
+                self.quarantine(*id, reason.clone());
+                Err(RepoError::Quarantined {
+                    document: *id,
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Add the writes for every dirty document to `batch`. Memory is updated
+    /// only by [`apply`](Self::apply) once the batch is durable.
+    pub(crate) fn plan_saves(&mut self, batch: &mut WriteBatch) -> Vec<SavePlan> {
+        let mut plans = Vec::new();
+        let min = self.config.compaction_min_bytes;
+        for (id, loaded) in self.loaded.iter_mut().filter(|(_, l)| l.dirty) {
+            let chunk = loaded.doc.save_incremental();
+            if chunk.is_empty() {
+                loaded.dirty = false;
+                continue;
+            }
+            let snapshot_bytes = loaded.snapshot.as_ref().map_or(0, |(_, n)| *n);
+            let grown = loaded.incremental_bytes + chunk.len();
+            if grown > min.max(snapshot_bytes) {
+                // Fold everything into one snapshot; drop the rest, atomically.
+                let bytes = loaded.doc.save();
+                let key = doc_key(id, "snapshot", heads_hash(&loaded.doc.get_heads()));
+                if let Some((old, _)) = &loaded.snapshot
+                    && *old != key
+                {
+                    batch.delete(old.clone());
+                }
+                for old in &loaded.incrementals {
+                    batch.delete(old.clone());
+                }
+                let size = bytes.len();
+                batch.put(key.clone(), bytes);
+                plans.push(SavePlan {
+                    document: *id,
+                    kind: SaveKind::Compacted { key, bytes: size },
+                });
+            } else {
+                let key = doc_key(id, "incremental", hex::encode(Sha256::digest(&chunk)));
+                let size = chunk.len();
+                batch.put(key.clone(), chunk);
+                plans.push(SavePlan {
+                    document: *id,
+                    kind: SaveKind::Incremental { key, bytes: size },
+                });
+            }
+        }
+        plans
+    }
+
+    /// Record in memory what a durable batch wrote.
+    pub(crate) fn apply(&mut self, plans: Vec<SavePlan>) {
+        for plan in plans {
+            let Some(loaded) = self.loaded.get_mut(&plan.document) else {
+                continue;
+            };
+            loaded.dirty = false;
+            match plan.kind {
+                SaveKind::Incremental { key, bytes } => {
+                    loaded.incrementals.push(key);
+                    loaded.incremental_bytes += bytes;
+                }
+                SaveKind::Compacted { key, bytes } => {
+                    loaded.snapshot = Some((key, bytes));
+                    loaded.incrementals.clear();
+                    loaded.incremental_bytes = 0;
+                }
+            }
+        }
+    }
+
+    /// Forget documents whose writes failed: memory may hold changes that
+    /// storage does not, so they reload from storage on next use.
+    pub(crate) fn discard(&mut self, plans: &[SavePlan]) -> BTreeSet<DocumentId> {
+        let ids: BTreeSet<_> = plans.iter().map(|p| p.document).collect();
+        for id in &ids {
+            self.loaded.remove(id);
+        }
+        ids
+    }
+
+    /// Evict least recently used documents that are clean and unpinned until
+    /// at most the budget stays loaded.
+    pub(crate) fn evict_over_budget(&mut self) -> usize {
+        let budget = self.config.max_loaded_documents;
+        if self.loaded.len() <= budget {
+            return 0;
+        }
+        let mut idle: Vec<(u64, DocumentId)> = self
+            .loaded
+            .iter()
+            .filter(|(_, l)| !l.dirty && !l.pinned)
+            .map(|(id, l)| (l.last_used, *id))
+            .collect();
+        idle.sort_unstable();
+        let excess = self.loaded.len() - budget;
+        let mut evicted = 0;
+        for (_, id) in idle.into_iter().take(excess) {
+            self.loaded.remove(&id);
+            evicted += 1;
+        }
+        evicted
+    }
+
+    /// Every document id in storage, in id order.
+    pub(crate) fn stored_ids(&self) -> Result<Vec<DocumentId>, StorageError> {
+        let all = StorageKey::from_trusted(vec![]);
+        let mut out = Vec::new();
+        let mut after: Option<StorageKey> = None;
+        loop {
+            let next = self.storage.scan(&all, after.as_ref(), 1)?;
+            let Some((key, _)) = next.into_iter().next() else {
+                break;
+            };
+            let first = &key.parts()[0];
+            if first.starts_with('~') {
+                // System keys sort after every bs58 id ('~' > 'z').
+                break;
+            }
+            if let Ok(id) = first.parse() {
+                out.push(id);
+            }
+            // Skip past every key of this document.
+            after = Some(StorageKey::from_trusted(vec![
+                first.clone(),
+                "\u{10FFFF}".into(),
+            ]));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,808 @@
+//! The automerge-repo network protocol, version 1: messages and their CBOR.
+//!
+//! One CBOR map per binary WebSocket frame, text keys, byte strings untagged,
+//! as the JS implementation (cbor-x) writes it. Decoding is lenient where the
+//! JS code differs from its README: `peerMetadata` or `metadata`, `count` and
+//! `timestamp` as integers or floats, `documentId` as text or bytes, `add` and
+//! `remove` optional, `senderId`/`targetId` on `error` optional.
+
+use ciborium::Value;
+
+use crate::error::DecodeError;
+use crate::{DocumentId, PeerId, StorageId};
+
+/// The only protocol version this implementation speaks.
+pub const PROTOCOL_VERSION: &str = "1";
+
+/// `peerMetadata` of `join` and `peer`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerMetadata {
+    /// The peer's durable store, if any.
+    pub storage_id: Option<StorageId>,
+    /// Whether the peer keeps nothing.
+    pub is_ephemeral: bool,
+}
+
+/// One storage id's heads in a `remote-heads-changed` message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteHeads {
+    /// Whose heads.
+    pub storage_id: StorageId,
+    /// The heads, in the encoding the sender used (bs58check in JS 2.x).
+    pub heads: Vec<String>,
+    /// Milliseconds since the epoch when the heads were observed.
+    pub timestamp: f64,
+}
+
+/// A protocol message.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Message {
+    /// Connecting peer -> accepting peer: the first message.
+    Join {
+        /// The connecting peer.
+        sender_id: PeerId,
+        /// Versions it speaks.
+        supported_protocol_versions: Vec<String>,
+        /// Its metadata, if sent.
+        metadata: Option<PeerMetadata>,
+    },
+    /// Accepting peer -> connecting peer: handshake accepted.
+    Peer {
+        /// The accepting peer.
+        sender_id: PeerId,
+        /// The connecting peer.
+        target_id: PeerId,
+        /// The version both will speak.
+        selected_protocol_version: String,
+        /// The accepting peer's metadata, if sent.
+        metadata: Option<PeerMetadata>,
+    },
+    /// The sender is going away.
+    Leave {
+        /// Who leaves.
+        sender_id: PeerId,
+    },
+    /// Something went wrong; the connection closes after it.
+    Error {
+        /// What went wrong.
+        message: String,
+        /// Sender, when given (the JS server sets it).
+        sender_id: Option<PeerId>,
+        /// Target, when given.
+        target_id: Option<PeerId>,
+    },
+    /// An automerge sync message from a peer that does not have the document.
+    Request {
+        /// Sender.
+        sender_id: PeerId,
+        /// Target.
+        target_id: PeerId,
+        /// The document.
+        document_id: DocumentId,
+        /// An encoded automerge sync message.
+        data: Vec<u8>,
+    },
+    /// An automerge sync message.
+    Sync {
+        /// Sender.
+        sender_id: PeerId,
+        /// Target.
+        target_id: PeerId,
+        /// The document.
+        document_id: DocumentId,
+        /// An encoded automerge sync message.
+        data: Vec<u8>,
+    },
+    /// The sender does not have the document (or will not share it).
+    DocUnavailable {
+        /// Sender.
+        sender_id: PeerId,
+        /// Target.
+        target_id: PeerId,
+        /// The document.
+        document_id: DocumentId,
+    },
+    /// An application message about a document that is not stored.
+    Ephemeral {
+        /// The original sender.
+        sender_id: PeerId,
+        /// Target.
+        target_id: PeerId,
+        /// Sequence number within the session, for de-duplication.
+        count: u64,
+        /// The sender's session.
+        session_id: String,
+        /// The document it concerns.
+        document_id: DocumentId,
+        /// Opaque payload.
+        data: Vec<u8>,
+    },
+    /// Subscribe to or unsubscribe from heads of other stores.
+    RemoteSubscriptionChange {
+        /// Sender.
+        sender_id: PeerId,
+        /// Target.
+        target_id: PeerId,
+        /// Storage ids to add.
+        add: Vec<StorageId>,
+        /// Storage ids to remove.
+        remove: Vec<StorageId>,
+    },
+    /// Heads of a document at other stores changed.
+    RemoteHeadsChanged {
+        /// Sender.
+        sender_id: PeerId,
+        /// Target.
+        target_id: PeerId,
+        /// The document.
+        document_id: DocumentId,
+        /// The new heads per store.
+        new_heads: Vec<RemoteHeads>,
+    },
+}
+
+impl Message {
+    /// The protocol's name for this message's type.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Message::Join { .. } => "join",
+            Message::Peer { .. } => "peer",
+            Message::Leave { .. } => "leave",
+            Message::Error { .. } => "error",
+            Message::Request { .. } => "request",
+            Message::Sync { .. } => "sync",
+            Message::DocUnavailable { .. } => "doc-unavailable",
+            Message::Ephemeral { .. } => "ephemeral",
+            Message::RemoteSubscriptionChange { .. } => "remote-subscription-change",
+            Message::RemoteHeadsChanged { .. } => "remote-heads-changed",
+        }
+    }
+
+    /// The document this message is about, if any.
+    pub fn document_id(&self) -> Option<DocumentId> {
+        match self {
+            Message::Request { document_id, .. }
+            | Message::Sync { document_id, .. }
+            | Message::DocUnavailable { document_id, .. }
+            | Message::Ephemeral { document_id, .. }
+            | Message::RemoteHeadsChanged { document_id, .. } => Some(*document_id),
+            _ => None,
+        }
+    }
+
+    /// Encode as one CBOR map, as the JS implementation does.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut m = MapBuilder::new(self.type_name());
+        match self {
+            Message::Join {
+                sender_id,
+                supported_protocol_versions,
+                metadata,
+            } => {
+                m.text("senderId", sender_id.as_str());
+                m.put(
+                    "supportedProtocolVersions",
+                    Value::Array(
+                        supported_protocol_versions
+                            .iter()
+                            .map(|v| Value::Text(v.clone()))
+                            .collect(),
+                    ),
+                );
+                if let Some(md) = metadata {
+                    m.put("peerMetadata", encode_metadata(md));
+                }
+            }
+            Message::Peer {
+                sender_id,
+                target_id,
+                selected_protocol_version,
+                metadata,
+            } => {
+                m.text("senderId", sender_id.as_str());
+                m.text("targetId", target_id.as_str());
+                m.text("selectedProtocolVersion", selected_protocol_version);
+                if let Some(md) = metadata {
+                    m.put("peerMetadata", encode_metadata(md));
+                }
+            }
+            Message::Leave { sender_id } => m.text("senderId", sender_id.as_str()),
+            Message::Error {
+                message,
+                sender_id,
+                target_id,
+            } => {
+                m.text("message", message);
+                if let Some(s) = sender_id {
+                    m.text("senderId", s.as_str());
+                }
+                if let Some(t) = target_id {
+                    m.text("targetId", t.as_str());
+                }
+            }
+            Message::Request {
+                sender_id,
+                target_id,
+                document_id,
+                data,
+            }
+            | Message::Sync {
+                sender_id,
+                target_id,
+                document_id,
+                data,
+            } => {
+                m.routing(sender_id, target_id);
+                m.text("documentId", &document_id.to_string());
+                m.put("data", Value::Bytes(data.clone()));
+            }
+            Message::DocUnavailable {
+                sender_id,
+                target_id,
+                document_id,
+            } => {
+                m.routing(sender_id, target_id);
+                m.text("documentId", &document_id.to_string());
+            }
+            Message::Ephemeral {
+                sender_id,
+                target_id,
+                count,
+                session_id,
+                document_id,
+                data,
+            } => {
+                m.routing(sender_id, target_id);
+                m.put("count", Value::Integer((*count).into()));
+                m.text("sessionId", session_id);
+                m.text("documentId", &document_id.to_string());
+                m.put("data", Value::Bytes(data.clone()));
+            }
+            Message::RemoteSubscriptionChange {
+                sender_id,
+                target_id,
+                add,
+                remove,
+            } => {
+                m.routing(sender_id, target_id);
+                let ids = |v: &Vec<StorageId>| {
+                    Value::Array(v.iter().map(|s| Value::Text(s.to_string())).collect())
+                };
+                m.put("add", ids(add));
+                m.put("remove", ids(remove));
+            }
+            Message::RemoteHeadsChanged {
+                sender_id,
+                target_id,
+                document_id,
+                new_heads,
+            } => {
+                m.routing(sender_id, target_id);
+                m.text("documentId", &document_id.to_string());
+                let entries = new_heads
+                    .iter()
+                    .map(|h| {
+                        let heads =
+                            Value::Array(h.heads.iter().map(|x| Value::Text(x.clone())).collect());
+                        let ts = if h.timestamp.fract() == 0.0 && h.timestamp.abs() < 9.0e15 {
+                            Value::Integer((h.timestamp as i64).into())
+                        } else {
+                            Value::Float(h.timestamp)
+                        };
+                        (
+                            Value::Text(h.storage_id.to_string()),
+                            Value::Map(vec![
+                                (Value::Text("heads".into()), heads),
+                                (Value::Text("timestamp".into()), ts),
+                            ]),
+                        )
+                    })
+                    .collect();
+                m.put("newHeads", Value::Map(entries));
+            }
+        }
+        m.finish()
+    }
+
+    /// Decode one frame. Never panics, whatever the bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut reader = bytes;
+        let value: Value =
+            ciborium::de::from_reader(&mut reader).map_err(|e| DecodeError::Cbor(e.to_string()))?;
+        if !reader.is_empty() {
+            return Err(DecodeError::Cbor(format!(
+                "{} trailing bytes after the message",
+                reader.len()
+            )));
+        }
+        let Value::Map(entries) = value else {
+            return Err(DecodeError::NotAMap);
+        };
+        let f = Fields {
+            entries: &entries,
+            kind: String::new(),
+        };
+        let kind = f.req_text("type")?;
+        let f = Fields {
+            entries: &entries,
+            kind: kind.clone(),
+        };
+        let msg = match kind.as_str() {
+            "join" => Message::Join {
+                sender_id: f.peer("senderId")?,
+                supported_protocol_versions: match f.get("supportedProtocolVersions") {
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|v| text_of(v, "supportedProtocolVersions"))
+                        .collect::<Result<_, _>>()?,
+                    Some(_) => {
+                        return Err(invalid("supportedProtocolVersions", "not an array"));
+                    }
+                    None => return Err(f.missing("supportedProtocolVersions")),
+                },
+                metadata: f.metadata()?,
+            },
+            "peer" => Message::Peer {
+                sender_id: f.peer("senderId")?,
+                target_id: f.peer("targetId")?,
+                selected_protocol_version: f.req_text("selectedProtocolVersion")?,
+                metadata: f.metadata()?,
+            },
+            "leave" => Message::Leave {
+                sender_id: f.peer("senderId")?,
+            },
+            "error" => Message::Error {
+                message: f.opt_text("message")?.unwrap_or_default(),
+                sender_id: f.opt_text("senderId")?.map(PeerId::new),
+                target_id: f.opt_text("targetId")?.map(PeerId::new),
+            },
+            "request" | "sync" => {
+                let (sender_id, target_id) = (f.peer("senderId")?, f.peer("targetId")?);
+                let document_id = f.document()?;
+                let data = f.bytes("data")?;
+                if kind == "request" {
+                    Message::Request {
+                        sender_id,
+                        target_id,
+                        document_id,
+                        data,
+                    }
+                } else {
+                    Message::Sync {
+                        sender_id,
+                        target_id,
+                        document_id,
+                        data,
+                    }
+                }
+            }
+            "doc-unavailable" => Message::DocUnavailable {
+                sender_id: f.peer("senderId")?,
+                target_id: f.peer("targetId")?,
+                document_id: f.document()?,
+            },
+            "ephemeral" => Message::Ephemeral {
+                sender_id: f.peer("senderId")?,
+                target_id: f.peer("targetId")?,
+                count: f.number("count").and_then(|n| {
+                    if n >= 0.0 && n.fract() == 0.0 {
+                        Ok(n as u64)
+                    } else {
+                        Err(invalid("count", "not a non-negative integer"))
+                    }
+                })?,
+                session_id: f.req_text("sessionId")?,
+                document_id: f.document()?,
+                data: f.bytes("data")?,
+            },
+            "remote-subscription-change" => Message::RemoteSubscriptionChange {
+                sender_id: f.peer("senderId")?,
+                target_id: f.peer("targetId")?,
+                add: f.storage_ids("add")?,
+                remove: f.storage_ids("remove")?,
+            },
+            "remote-heads-changed" => Message::RemoteHeadsChanged {
+                sender_id: f.peer("senderId")?,
+                target_id: f.peer("targetId")?,
+                document_id: f.document()?,
+                new_heads: f.new_heads()?,
+            },
+            other => return Err(DecodeError::UnknownType(other.to_owned())),
+        };
+        Ok(msg)
+    }
+}
+
+fn encode_metadata(md: &PeerMetadata) -> Value {
+    let mut entries = Vec::new();
+    if let Some(s) = &md.storage_id {
+        entries.push((Value::Text("storageId".into()), Value::Text(s.to_string())));
+    }
+    entries.push((
+        Value::Text("isEphemeral".into()),
+        Value::Bool(md.is_ephemeral),
+    ));
+    Value::Map(entries)
+}
+
+struct MapBuilder(Vec<(Value, Value)>);
+
+impl MapBuilder {
+    fn new(kind: &str) -> Self {
+        Self(vec![(Value::Text("type".into()), Value::Text(kind.into()))])
+    }
+    fn put(&mut self, key: &str, value: Value) {
+        self.0.push((Value::Text(key.into()), value));
+    }
+    fn text(&mut self, key: &str, value: &str) {
+        self.put(key, Value::Text(value.into()));
+    }
+    fn routing(&mut self, sender: &PeerId, target: &PeerId) {
+        self.text("senderId", sender.as_str());
+        self.text("targetId", target.as_str());
+    }
+    fn finish(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::ser::into_writer(&Value::Map(self.0), &mut out)
+            .expect("writing CBOR to a Vec cannot fail");
+        out
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> DecodeError {
+    DecodeError::InvalidField {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Strip tags (cbor-x may tag typed arrays when configured to).
+fn untag(v: &Value) -> &Value {
+    match v {
+        Value::Tag(_, inner) => untag(inner),
+        other => other,
+    }
+}
+
+fn text_of(v: &Value, field: &'static str) -> Result<String, DecodeError> {
+    match untag(v) {
+        Value::Text(t) => Ok(t.clone()),
+        _ => Err(invalid(field, "not a text string")),
+    }
+}
+
+fn number_of(v: &Value, field: &'static str) -> Result<f64, DecodeError> {
+    match untag(v) {
+        Value::Integer(i) => Ok(i128::from(*i) as f64),
+        Value::Float(f) if f.is_finite() => Ok(*f),
+        _ => Err(invalid(field, "not a number")),
+    }
+}
+
+struct Fields<'a> {
+    entries: &'a [(Value, Value)],
+    kind: String,
+}
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.entries
+            .iter()
+            .find(|(k, _)| matches!(k, Value::Text(t) if t == key))
+            .map(|(_, v)| untag(v))
+            .filter(|v| !v.is_null())
+    }
+    fn missing(&self, field: &'static str) -> DecodeError {
+        DecodeError::MissingField {
+            message: if self.kind.is_empty() {
+                "a".into()
+            } else {
+                self.kind.clone()
+            },
+            field,
+        }
+    }
+    fn req_text(&self, field: &'static str) -> Result<String, DecodeError> {
+        self.opt_text(field)?.ok_or_else(|| self.missing(field))
+    }
+    fn opt_text(&self, field: &'static str) -> Result<Option<String>, DecodeError> {
+        self.get(field).map(|v| text_of(v, field)).transpose()
+    }
+    fn peer(&self, field: &'static str) -> Result<PeerId, DecodeError> {
+        self.req_text(field).map(PeerId::new)
+    }
+    fn number(&self, field: &'static str) -> Result<f64, DecodeError> {
+        number_of(self.get(field).ok_or_else(|| self.missing(field))?, field)
+    }
+    fn bytes(&self, field: &'static str) -> Result<Vec<u8>, DecodeError> {
+        match self.get(field) {
+            Some(Value::Bytes(b)) => Ok(b.clone()),
+            Some(_) => Err(invalid(field, "not a byte string")),
+            None => Err(self.missing(field)),
+        }
+    }
+    fn document(&self) -> Result<DocumentId, DecodeError> {
+        let field = "documentId";
+        match self.get(field) {
+            Some(Value::Text(t)) => t.parse().map_err(|e| invalid(field, format!("{e}"))),
+            Some(Value::Bytes(b)) => {
+                DocumentId::try_from_slice(b).map_err(|e| invalid(field, format!("{e}")))
+            }
+            Some(_) => Err(invalid(field, "not text or bytes")),
+            None => Err(self.missing(field)),
+        }
+    }
+    fn metadata(&self) -> Result<Option<PeerMetadata>, DecodeError> {
+        let Some(v) = self.get("peerMetadata").or_else(|| self.get("metadata")) else {
+            return Ok(None);
+        };
+        let Value::Map(entries) = v else {
+            return Err(invalid("peerMetadata", "not a map"));
+        };
+        let inner = Fields {
+            entries,
+            kind: self.kind.clone(),
+        };
+        let is_ephemeral = match inner.get("isEphemeral") {
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(invalid("isEphemeral", "not a boolean")),
+            None => false,
+        };
+        Ok(Some(PeerMetadata {
+            storage_id: inner.opt_text("storageId")?.map(StorageId::new),
+            is_ephemeral,
+        }))
+    }
+    fn storage_ids(&self, field: &'static str) -> Result<Vec<StorageId>, DecodeError> {
+        match self.get(field) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| text_of(v, field).map(StorageId::new))
+                .collect(),
+            Some(_) => Err(invalid(field, "not an array")),
+        }
+    }
+    fn new_heads(&self) -> Result<Vec<RemoteHeads>, DecodeError> {
+        let field = "newHeads";
+        let Some(Value::Map(entries)) = self.get(field) else {
+            return Err(self.missing(field));
+        };
+        entries
+            .iter()
+            .map(|(k, v)| {
+                let storage_id = StorageId::new(text_of(k, field)?);
+                let Value::Map(inner) = untag(v) else {
+                    return Err(invalid(field, "entry is not a map"));
+                };
+                let inner = Fields {
+                    entries: inner,
+                    kind: self.kind.clone(),
+                };
+                let heads = match inner.get("heads") {
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|h| text_of(h, "heads"))
+                        .collect::<Result<_, _>>()?,
+                    _ => return Err(invalid(field, "entry lacks a heads array")),
+                };
+                let timestamp = inner.number("timestamp").unwrap_or(0.0);
+                Ok(RemoteHeads {
+                    storage_id,
+                    heads,
+                    timestamp,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> DocumentId {
+        DocumentId::from_bytes([5; 16])
+    }
+
+    fn all_messages() -> Vec<Message> {
+        let (a, b) = (PeerId::new("a"), PeerId::new("b"));
+        vec![
+            Message::Join {
+                sender_id: a.clone(),
+                supported_protocol_versions: vec!["1".into()],
+                metadata: Some(PeerMetadata {
+                    storage_id: Some(StorageId::new("s-a")),
+                    is_ephemeral: false,
+                }),
+            },
+            Message::Peer {
+                sender_id: b.clone(),
+                target_id: a.clone(),
+                selected_protocol_version: "1".into(),
+                metadata: Some(PeerMetadata::default()),
+            },
+            Message::Leave {
+                sender_id: a.clone(),
+            },
+            Message::Error {
+                message: "boom".into(),
+                sender_id: Some(b.clone()),
+                target_id: None,
+            },
+            Message::Request {
+                sender_id: a.clone(),
+                target_id: b.clone(),
+                document_id: doc(),
+                data: vec![0x42, 1],
+            },
+            Message::Sync {
+                sender_id: a.clone(),
+                target_id: b.clone(),
+                document_id: doc(),
+                data: vec![0x42, 2],
+            },
+            Message::DocUnavailable {
+                sender_id: b.clone(),
+                target_id: a.clone(),
+                document_id: doc(),
+            },
+            Message::Ephemeral {
+                sender_id: a.clone(),
+                target_id: b.clone(),
+                count: 7,
+                session_id: "sess".into(),
+                document_id: doc(),
+                data: vec![1, 2, 3],
+            },
+            Message::RemoteSubscriptionChange {
+                sender_id: a.clone(),
+                target_id: b.clone(),
+                add: vec![StorageId::new("x")],
+                remove: vec![],
+            },
+            Message::RemoteHeadsChanged {
+                sender_id: b,
+                target_id: a,
+                document_id: doc(),
+                new_heads: vec![RemoteHeads {
+                    storage_id: StorageId::new("x"),
+                    heads: vec!["h1".into()],
+                    timestamp: 1_700_000_000_123.0,
+                }],
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in all_messages() {
+            let bytes = msg.encode();
+            assert_eq!(Message::decode(&bytes).unwrap(), msg, "{}", msg.type_name());
+        }
+    }
+
+    fn cbor(v: Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::ser::into_writer(&v, &mut out).unwrap();
+        out
+    }
+
+    fn map(entries: Vec<(&str, Value)>) -> Value {
+        Value::Map(
+            entries
+                .into_iter()
+                .map(|(k, v)| (Value::Text(k.into()), v))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn accepts_the_js_variants() {
+        // Float count, byte-string documentId, `metadata` instead of `peerMetadata`.
+        let eph = cbor(map(vec![
+            ("type", Value::Text("ephemeral".into())),
+            ("senderId", Value::Text("a".into())),
+            ("targetId", Value::Text("b".into())),
+            ("count", Value::Float(3.0)),
+            ("sessionId", Value::Text("s".into())),
+            ("documentId", Value::Bytes(doc().as_bytes().to_vec())),
+            ("data", Value::Bytes(vec![9])),
+        ]));
+        match Message::decode(&eph).unwrap() {
+            Message::Ephemeral {
+                count, document_id, ..
+            } => {
+                assert_eq!(count, 3);
+                assert_eq!(document_id, doc());
+            }
+            other => panic!("decoded as {other:?}"),
+        }
+        let join = cbor(map(vec![
+            ("type", Value::Text("join".into())),
+            ("senderId", Value::Text("a".into())),
+            (
+                "supportedProtocolVersions",
+                Value::Array(vec![Value::Text("1".into())]),
+            ),
+            (
+                "metadata",
+                map(vec![
+                    ("storageId", Value::Text("s".into())),
+                    ("isEphemeral", Value::Bool(true)),
+                ]),
+            ),
+        ]));
+        let Message::Join { metadata, .. } = Message::decode(&join).unwrap() else {
+            panic!("not a join")
+        };
+        assert_eq!(
+            metadata,
+            Some(PeerMetadata {
+                storage_id: Some(StorageId::new("s")),
+                is_ephemeral: true
+            })
+        );
+        // `remove` absent.
+        let sub = cbor(map(vec![
+            ("type", Value::Text("remote-subscription-change".into())),
+            ("senderId", Value::Text("a".into())),
+            ("targetId", Value::Text("b".into())),
+            ("add", Value::Array(vec![Value::Text("x".into())])),
+        ]));
+        assert!(matches!(
+            Message::decode(&sub).unwrap(),
+            Message::RemoteSubscriptionChange { remove, .. } if remove.is_empty()
+        ));
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        assert!(matches!(Message::decode(&[]), Err(DecodeError::Cbor(_))));
+        assert!(matches!(
+            Message::decode(&[0xff, 0x00, 0x13]),
+            Err(DecodeError::Cbor(_))
+        ));
+        assert!(matches!(
+            Message::decode(&cbor(Value::Integer(3.into()))),
+            Err(DecodeError::NotAMap)
+        ));
+        let full = all_messages()[5].encode();
+        assert!(
+            Message::decode(&full[..full.len() - 3]).is_err(),
+            "truncated"
+        );
+        let mut trailing = full.clone();
+        trailing.push(0);
+        assert!(Message::decode(&trailing).is_err(), "trailing bytes");
+        let unknown = cbor(map(vec![("type", Value::Text("teleport".into()))]));
+        assert_eq!(
+            Message::decode(&unknown),
+            Err(DecodeError::UnknownType("teleport".into()))
+        );
+        let no_type = cbor(map(vec![("senderId", Value::Text("a".into()))]));
+        assert!(matches!(
+            Message::decode(&no_type),
+            Err(DecodeError::MissingField { field: "type", .. })
+        ));
+        let bad_doc = cbor(map(vec![
+            ("type", Value::Text("sync".into())),
+            ("senderId", Value::Text("a".into())),
+            ("targetId", Value::Text("b".into())),
+            ("documentId", Value::Text("not-an-id".into())),
+            ("data", Value::Bytes(vec![])),
+        ]));
+        assert!(matches!(
+            Message::decode(&bad_doc),
+            Err(DecodeError::InvalidField {
+                field: "documentId",
+                ..
+            })
+        ));
+        // Deep nesting must not overflow the stack.
+        let mut deep = vec![0x81u8; 100_000];
+        deep.push(0x00);
+        assert!(Message::decode(&deep).is_err());
+    }
+}

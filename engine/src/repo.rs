@@ -1,0 +1,1215 @@
+//! The sans-IO repo: documents, storage and the automerge-repo protocol.
+//!
+//! Inputs are method calls (a connection opened or closed, a frame arrived, a
+//! local edit, the time); outputs are queued and taken with
+//! [`Repo::poll_output`]: frames to send per connection, connections to close,
+//! and events. The repo never touches a socket or a clock.
+//!
+//! **Durability.** Edits and received changes are applied in memory at once,
+//! but nothing is acknowledged until [`Repo::flush`] has written them in one
+//! durable storage transaction (group commit). Sync messages, which advertise
+//! our heads, are generated only by `flush`, after the write, so no peer ever
+//! hears of a change that a crash could lose. A driver handles every input it
+//! has ready, then flushes once.
+
+mod connection;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{AutoCommit, Automerge, AutomergeError, ChangeHash};
+
+pub use self::connection::Direction;
+use self::connection::{ConnState, Connection, PeerDoc};
+use crate::documents::{Documents, DocumentsConfig, doc_prefix, panic_message};
+use crate::error::{DecodeError, RepoError, StorageError};
+use crate::feed::{ChangeFeed, FeedEvent, Origin, feed_key, meta_key, read_u64};
+use crate::policy::{Access, SharePolicy};
+use crate::protocol::{Message, PROTOCOL_VERSION, PeerMetadata, RemoteHeads};
+use crate::storage::{Storage, StorageKey, WriteBatch};
+use crate::{ConnectionId, DocumentId, PeerId, PeerInfo, StorageId};
+
+/// Milliseconds since the Unix epoch, as the driver reads its clock.
+pub type Millis = u64;
+
+/// How a repo is set up.
+#[derive(Clone, Debug)]
+pub struct RepoConfig {
+    /// The id this repo announces to peers.
+    pub peer_id: PeerId,
+    /// Announce ourselves as ephemeral (keeping nothing). A storing repo says false.
+    pub ephemeral: bool,
+    /// Memory and compaction tuning.
+    pub documents: DocumentsConfig,
+    /// Most sync messages generated for one peer and document per flush.
+    pub max_messages_per_flush: usize,
+}
+
+impl RepoConfig {
+    /// Defaults with the given peer id.
+    pub fn new(peer_id: PeerId) -> Self {
+        Self {
+            peer_id,
+            ephemeral: false,
+            documents: DocumentsConfig::default(),
+            max_messages_per_flush: 4,
+        }
+    }
+}
+
+/// Something the driver must do or may want to know.
+#[derive(Debug)]
+pub enum Output {
+    /// Send this frame on the connection (a binary WebSocket message).
+    Send {
+        /// Where.
+        connection: ConnectionId,
+        /// The encoded message.
+        frame: Vec<u8>,
+    },
+    /// Close the connection; the repo has already forgotten it.
+    Close {
+        /// Which.
+        connection: ConnectionId,
+        /// Why, when it is an error.
+        reason: Option<String>,
+    },
+    /// Something happened.
+    Event(Event),
+}
+
+/// Events for the application and for monitoring.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A handshake completed.
+    PeerConnected(PeerInfo),
+    /// A connection ended (closed by either side, or left).
+    PeerDisconnected {
+        /// The connection.
+        connection: ConnectionId,
+        /// The peer, if the handshake had completed.
+        peer_id: Option<PeerId>,
+    },
+    /// A commit is durable (the same event the change feed stores).
+    Committed(FeedEvent),
+    /// A peer said it does not have a document we asked for.
+    DocumentUnavailable {
+        /// The document.
+        document: DocumentId,
+        /// Who said so.
+        peer_id: PeerId,
+    },
+    /// An ephemeral message arrived (it was also forwarded to other peers).
+    Ephemeral {
+        /// The document it concerns.
+        document: DocumentId,
+        /// The original sender.
+        sender: PeerId,
+        /// The payload.
+        data: Vec<u8>,
+    },
+    /// A peer told us another store's heads for a document.
+    RemoteHeads {
+        /// The document.
+        document: DocumentId,
+        /// The store.
+        storage_id: StorageId,
+        /// Its heads (as sent).
+        heads: Vec<String>,
+    },
+    /// A peer tried something its access does not allow; nothing was applied.
+    AccessDenied {
+        /// The connection.
+        connection: ConnectionId,
+        /// The document.
+        document: DocumentId,
+        /// What was refused.
+        reason: String,
+    },
+    /// A connection broke the protocol and was closed.
+    ProtocolError {
+        /// The connection.
+        connection: ConnectionId,
+        /// What it sent that was wrong.
+        error: String,
+    },
+    /// A panic inside automerge was contained; the document is out of service
+    /// until [`Repo::release_quarantine`] and everything else keeps working.
+    Quarantined {
+        /// The document.
+        document: DocumentId,
+        /// The panic message.
+        reason: String,
+    },
+}
+
+/// What one [`Repo::flush`] made durable.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FlushReport {
+    /// Documents whose changes were written.
+    pub documents: usize,
+    /// Change feed entries appended.
+    pub commits: usize,
+    /// Bytes written (keys and values).
+    pub bytes: usize,
+    /// Documents evicted from memory afterwards.
+    pub evicted: usize,
+}
+
+/// Where a change came from, before it has a feed sequence number.
+struct PendingCommit {
+    document: DocumentId,
+    origin: Origin,
+    heads: Vec<ChangeHash>,
+}
+
+/// A document store and protocol endpoint. See the [module docs](self).
+pub struct Repo<S: Storage> {
+    config: RepoConfig,
+    storage_id: StorageId,
+    docs: Documents<S>,
+    policy: Box<dyn SharePolicy>,
+    conns: BTreeMap<ConnectionId, Connection>,
+    outputs: VecDeque<Output>,
+    pending: Vec<PendingCommit>,
+    next_seq: u64,
+    /// (connection, document) pairs that may have a sync message to send.
+    to_sync: BTreeSet<(ConnectionId, DocumentId)>,
+    /// Sync states whose persistent part changed since the last flush.
+    sync_state_dirty: BTreeSet<(ConnectionId, DocumentId)>,
+    /// Documents touched this session: offered to peers whose policy announces.
+    active: BTreeSet<DocumentId>,
+    /// Documents requested from peers that we do not have yet.
+    wanted: BTreeSet<DocumentId>,
+    /// Last ephemeral count seen per (sender, session), for de-duplication.
+    ephemeral_seen: HashMap<(PeerId, String), u64>,
+    now: Millis,
+}
+
+impl<S: Storage> std::fmt::Debug for Repo<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repo")
+            .field("peer_id", &self.config.peer_id)
+            .field("storage_id", &self.storage_id)
+            .field("connections", &self.conns.len())
+            .field("loaded_documents", &self.docs.loaded_count())
+            .finish_non_exhaustive()
+    }
+}
+
+const STORAGE_ID_KEY: &str = "storage-id";
+const FEED_NEXT_KEY: &str = "feed-next";
+
+impl<S: Storage> Repo<S> {
+    /// Open a repo over `storage`. Reads two small metadata keys, whatever the
+    /// number of documents, and creates the store's id on first open.
+    pub fn open(
+        storage: S,
+        config: RepoConfig,
+        policy: impl SharePolicy + 'static,
+    ) -> Result<Self, RepoError> {
+        let storage_id = match storage.get(&meta_key(STORAGE_ID_KEY))? {
+            Some(bytes) => StorageId::new(
+                String::from_utf8(bytes)
+                    .map_err(|_| StorageError::Corrupt("storage id is not UTF-8".into()))?,
+            ),
+            None => {
+                let id = StorageId::random();
+                let mut batch = WriteBatch::new();
+                batch.put(meta_key(STORAGE_ID_KEY), id.as_str().as_bytes().to_vec());
+                storage.commit(&batch)?;
+                id
+            }
+        };
+        let next_seq = read_u64(&storage, &meta_key(FEED_NEXT_KEY))?.max(1);
+        Ok(Self {
+            docs: Documents::new(storage, config.documents.clone()),
+            config,
+            storage_id,
+            policy: Box::new(policy),
+            conns: BTreeMap::new(),
+            outputs: VecDeque::new(),
+            pending: Vec::new(),
+            next_seq,
+            to_sync: BTreeSet::new(),
+            sync_state_dirty: BTreeSet::new(),
+            active: BTreeSet::new(),
+            wanted: BTreeSet::new(),
+            ephemeral_seen: HashMap::new(),
+            now: 0,
+        })
+    }
+
+    /// This repo's peer id.
+    pub fn peer_id(&self) -> &PeerId {
+        &self.config.peer_id
+    }
+
+    /// This store's id (stable across restarts).
+    pub fn storage_id(&self) -> &StorageId {
+        &self.storage_id
+    }
+
+    /// The storage backend.
+    pub fn storage(&self) -> &S {
+        &self.docs.storage
+    }
+
+    /// The change feed of this store.
+    pub fn feed(&self) -> ChangeFeed<'_, S> {
+        ChangeFeed::new(&self.docs.storage)
+    }
+
+    /// How many documents are in memory.
+    pub fn loaded_documents(&self) -> usize {
+        self.docs.loaded_count()
+    }
+
+    /// Whether a document is in memory now (for tests of eviction).
+    pub fn is_loaded(&self, id: &DocumentId) -> bool {
+        self.docs.is_loaded(id)
+    }
+
+    /// Every document in storage.
+    pub fn document_ids(&self) -> Result<Vec<DocumentId>, RepoError> {
+        Ok(self.docs.stored_ids()?)
+    }
+
+    /// Whether the document exists here (in memory or storage).
+    pub fn contains(&self, id: &DocumentId) -> Result<bool, RepoError> {
+        Ok(self.docs.exists(id)?)
+    }
+
+    /// Quarantined documents and why.
+    pub fn quarantined(&self) -> Vec<(DocumentId, String)> {
+        self.docs
+            .quarantined()
+            .map(|(id, r)| (*id, r.to_owned()))
+            .collect()
+    }
+
+    /// Put a quarantined document back in service; it reloads from storage
+    /// (which holds only durable, acknowledged changes) on next use.
+    pub fn release_quarantine(&mut self, id: &DocumentId) -> bool {
+        self.docs.release(id)
+    }
+
+    /// Connections whose handshake completed.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.conns
+            .values()
+            .filter_map(|c| match &c.state {
+                ConnState::Ready(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    // ---- documents -------------------------------------------------------
+
+    /// Create a new, empty document with a random id.
+    pub fn create(&mut self) -> Result<DocumentId, RepoError> {
+        let id = DocumentId::random();
+        self.create_with_id(id)?;
+        Ok(id)
+    }
+
+    /// Create a new, empty document with the given id.
+    pub fn create_with_id(&mut self, id: DocumentId) -> Result<(), RepoError> {
+        if self.docs.exists(&id)? {
+            return Err(RepoError::AlreadyExists(id));
+        }
+        let mut doc = AutoCommit::new();
+        // An empty document has no changes to store; keep it clean until edited.
+        let _ = doc.save_incremental();
+        self.docs.insert_new(id, doc);
+        if let Some(l) = self.docs.get(&id)? {
+            l.dirty = false;
+            l.pinned = true;
+        }
+        self.active.insert(id);
+        Ok(())
+    }
+
+    /// Edit a document. `f` runs against the document; its operations are
+    /// committed as one change if it returns `Ok`, rolled back if it returns
+    /// `Err`. The change is applied in memory at once and becomes durable
+    /// (acknowledged) at the next successful [`flush`](Self::flush).
+    ///
+    /// A panic inside `f` or automerge is contained: the document is
+    /// quarantined and the error returned.
+    pub fn change<R>(
+        &mut self,
+        id: &DocumentId,
+        f: impl FnOnce(&mut AutoCommit) -> Result<R, AutomergeError>,
+    ) -> Result<R, RepoError> {
+        let loaded = self.docs.get(id)?.ok_or(RepoError::NotFound(*id))?;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let before = loaded.doc.get_heads();
+            match f(&mut loaded.doc) {
+                Ok(r) => {
+                    loaded.doc.commit();
+                    let after = loaded.doc.get_heads();
+                    Ok((r, (after != before).then_some(after)))
+                }
+                Err(e) => {
+                    loaded.doc.rollback();
+                    Err(e)
+                }
+            }
+        }));
+        match outcome {
+            Ok(Ok((r, changed))) => {
+                if let Some(heads) = changed {
+                    loaded.dirty = true;
+                    loaded.pinned = false;
+                    self.on_changed(*id, Origin::Local, heads, None);
+                }
+                Ok(r)
+            }
+            Ok(Err(e)) => Err(RepoError::Automerge(e)),
+            Err(panic) => Err(self.quarantine(*id, panic_message(panic))),
+        }
+    }
+
+    /// Read a document (loading it if needed).
+    pub fn view<R>(
+        &mut self,
+        id: &DocumentId,
+        f: impl FnOnce(&Automerge) -> R,
+    ) -> Result<R, RepoError> {
+        let loaded = self.docs.get(id)?.ok_or(RepoError::NotFound(*id))?;
+        match catch_unwind(AssertUnwindSafe(|| f(loaded.doc.document()))) {
+            Ok(r) => Ok(r),
+            Err(panic) => Err(self.quarantine(*id, panic_message(panic))),
+        }
+    }
+
+    /// The document's current heads.
+    pub fn heads(&mut self, id: &DocumentId) -> Result<Vec<ChangeHash>, RepoError> {
+        self.view(id, |d| d.get_heads())
+    }
+
+    /// Ask connected peers for a document we do not have. When one sends it,
+    /// it is stored and a [`Event::Committed`] follows; a peer without it
+    /// answers with [`Event::DocumentUnavailable`].
+    pub fn request(&mut self, id: DocumentId) -> Result<(), RepoError> {
+        if self.docs.exists(&id)? {
+            self.active.insert(id);
+            return Ok(());
+        }
+        self.create_with_id(id)?;
+        self.wanted.insert(id);
+        for (cid, conn) in &self.conns {
+            if let ConnState::Ready(peer) = &conn.state
+                && self.policy.access(peer, &id) != Access::None
+            {
+                self.to_sync.insert((*cid, id));
+            }
+        }
+        Ok(())
+    }
+
+    fn quarantine(&mut self, id: DocumentId, reason: String) -> RepoError {
+        tracing::error!(document = %id, %reason, "panic contained; document quarantined");
+        self.docs.quarantine(id, reason.clone());
+        self.pending.retain(|p| p.document != id);
+        self.to_sync.retain(|(_, d)| *d != id);
+        self.sync_state_dirty.retain(|(_, d)| *d != id);
+        for conn in self.conns.values_mut() {
+            conn.docs.remove(&id);
+        }
+        self.outputs.push_back(Output::Event(Event::Quarantined {
+            document: id,
+            reason: reason.clone(),
+        }));
+        RepoError::Quarantined {
+            document: id,
+            reason,
+        }
+    }
+
+    /// A document changed: record the commit and schedule the fan-out.
+    fn on_changed(
+        &mut self,
+        id: DocumentId,
+        origin: Origin,
+        heads: Vec<ChangeHash>,
+        from: Option<ConnectionId>,
+    ) {
+        self.active.insert(id);
+        self.wanted.remove(&id);
+        self.pending.push(PendingCommit {
+            document: id,
+            origin,
+            heads,
+        });
+        for (cid, conn) in &self.conns {
+            if Some(*cid) == from {
+                continue;
+            }
+            if let ConnState::Ready(peer) = &conn.state {
+                let shares = match conn.docs.get(&id) {
+                    Some(pd) => pd.access != Access::None,
+                    None => {
+                        self.policy.announce(peer, &id)
+                            && self.policy.access(peer, &id) != Access::None
+                    }
+                };
+                if shares {
+                    self.to_sync.insert((*cid, id));
+                }
+            }
+        }
+    }
+
+    // ---- durability ------------------------------------------------------
+
+    /// Write every pending change, feed entry and sync state in one durable
+    /// transaction; then generate the sync messages that advertise them and
+    /// evict idle documents over budget.
+    ///
+    /// On error nothing of this flush is acknowledged: documents with
+    /// unwritten changes are dropped from memory (they reload from storage)
+    /// and their sync states reset, so peers resend what was lost.
+    pub fn flush(&mut self) -> Result<FlushReport, RepoError> {
+        let mut batch = WriteBatch::new();
+        let plans = self.docs.plan_saves(&mut batch);
+        let mut events = Vec::with_capacity(self.pending.len());
+        for (i, p) in self.pending.drain(..).enumerate() {
+            let event = FeedEvent {
+                seq: self.next_seq + i as u64,
+                document: p.document,
+                origin: p.origin,
+                heads: p.heads,
+            };
+            batch.put(feed_key(event.seq), event.encode());
+            events.push(event);
+        }
+        if !events.is_empty() {
+            let next = self.next_seq + events.len() as u64;
+            batch.put(meta_key(FEED_NEXT_KEY), next.to_be_bytes().to_vec());
+        }
+        let mut persisted_sync = Vec::new();
+        for (cid, doc) in std::mem::take(&mut self.sync_state_dirty) {
+            let Some(conn) = self.conns.get(&cid) else {
+                continue;
+            };
+            let ConnState::Ready(peer) = &conn.state else {
+                continue;
+            };
+            let (Some(sid), false) = (&peer.storage_id, peer.ephemeral) else {
+                continue;
+            };
+            if let Some(pd) = conn.docs.get(&doc) {
+                batch.put(sync_state_key(&doc, sid), pd.sync.encode());
+                persisted_sync.push((cid, doc));
+            }
+        }
+        let report = FlushReport {
+            documents: plans.len(),
+            commits: events.len(),
+            bytes: batch.size(),
+            evicted: 0,
+        };
+        if !batch.is_empty()
+            && let Err(e) = self.docs.storage.commit(&batch)
+        {
+            let lost = self.docs.discard(&plans);
+            for conn in self.conns.values_mut() {
+                for id in &lost {
+                    if let Some(pd) = conn.docs.get_mut(id) {
+                        pd.sync = sync::State::new();
+                    }
+                }
+            }
+            for (cid, doc) in persisted_sync {
+                self.sync_state_dirty.insert((cid, doc));
+            }
+            tracing::error!(error = %e, "flush failed; unwritten changes dropped from memory");
+            return Err(e.into());
+        }
+        self.next_seq += events.len() as u64;
+        self.docs.apply(plans);
+        for event in events {
+            self.outputs
+                .push_back(Output::Event(Event::Committed(event)));
+        }
+        self.generate_sync_messages();
+        let evicted = self.docs.evict_over_budget();
+        Ok(FlushReport { evicted, ..report })
+    }
+
+    fn generate_sync_messages(&mut self) {
+        let max = self.config.max_messages_per_flush;
+        for (cid, id) in std::mem::take(&mut self.to_sync) {
+            let Some(conn) = self.conns.get_mut(&cid) else {
+                continue;
+            };
+            let ConnState::Ready(peer) = &conn.state else {
+                continue;
+            };
+            let peer = peer.clone();
+            if !conn.docs.contains_key(&id) {
+                let access = self.policy.access(&peer, &id);
+                let sync = load_sync_state(&self.docs.storage, &id, &peer);
+                conn.docs.insert(id, PeerDoc::new(access, sync));
+            }
+            let pd = conn.docs.get_mut(&id).expect("inserted above");
+            if pd.access == Access::None {
+                continue;
+            }
+            let loaded = match self.docs.get(&id) {
+                Ok(Some(l)) => l,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(document = %id, error = %e, "cannot load document to sync");
+                    continue;
+                }
+            };
+            let doc = &mut loaded.doc;
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                let empty = doc.get_heads().is_empty();
+                let mut out = Vec::new();
+                for _ in 0..max {
+                    match doc.sync().generate_sync_message(&mut pd.sync) {
+                        Some(m) => out.push(m.encode()),
+                        None => break,
+                    }
+                }
+                (empty, out)
+            }));
+            let (empty, messages) = match result {
+                Ok(r) => r,
+                Err(panic) => {
+                    let _ = self.quarantine(id, panic_message(panic));
+                    continue;
+                }
+            };
+            let me = self.config.peer_id.clone();
+            for data in messages {
+                let msg = if empty && !pd.received {
+                    Message::Request {
+                        sender_id: me.clone(),
+                        target_id: peer.peer_id.clone(),
+                        document_id: id,
+                        data,
+                    }
+                } else {
+                    Message::Sync {
+                        sender_id: me.clone(),
+                        target_id: peer.peer_id.clone(),
+                        document_id: id,
+                        data,
+                    }
+                };
+                self.outputs.push_back(Output::Send {
+                    connection: cid,
+                    frame: msg.encode(),
+                });
+            }
+        }
+    }
+
+    // ---- network ---------------------------------------------------------
+
+    /// A connection opened. `Outgoing` sends `join` at once; `Incoming`
+    /// waits for the peer's `join`.
+    pub fn connect(&mut self, id: ConnectionId, direction: Direction) -> Result<(), RepoError> {
+        if self.conns.contains_key(&id) {
+            return Err(RepoError::DuplicateConnection(id));
+        }
+        let state = match direction {
+            Direction::Incoming => ConnState::AwaitingJoin,
+            Direction::Outgoing => {
+                let join = Message::Join {
+                    sender_id: self.config.peer_id.clone(),
+                    supported_protocol_versions: vec![PROTOCOL_VERSION.into()],
+                    metadata: Some(self.metadata()),
+                };
+                self.outputs.push_back(Output::Send {
+                    connection: id,
+                    frame: join.encode(),
+                });
+                ConnState::AwaitingPeer
+            }
+        };
+        self.conns.insert(id, Connection::new(state));
+        Ok(())
+    }
+
+    /// A connection closed (by the transport). Idempotent.
+    pub fn disconnect(&mut self, id: ConnectionId) {
+        if let Some(conn) = self.conns.remove(&id) {
+            self.forget_connection(id, conn);
+        }
+    }
+
+    fn forget_connection(&mut self, id: ConnectionId, conn: Connection) {
+        self.to_sync.retain(|(c, _)| *c != id);
+        // Persist what the sync states learned before forgetting them.
+        if let ConnState::Ready(peer) = &conn.state
+            && let (Some(sid), false) = (&peer.storage_id, peer.ephemeral)
+        {
+            let mut batch = WriteBatch::new();
+            for (_, doc) in self.sync_state_dirty.iter().filter(|(c, _)| *c == id) {
+                if let Some(pd) = conn.docs.get(doc) {
+                    batch.put(sync_state_key(doc, sid), pd.sync.encode());
+                }
+            }
+            if !batch.is_empty()
+                && let Err(e) = self.docs.storage.commit(&batch)
+            {
+                tracing::warn!(error = %e, "could not persist sync states on disconnect");
+            }
+        }
+        self.sync_state_dirty.retain(|(c, _)| *c != id);
+        let peer_id = match conn.state {
+            ConnState::Ready(p) => Some(p.peer_id),
+            _ => None,
+        };
+        self.outputs
+            .push_back(Output::Event(Event::PeerDisconnected {
+                connection: id,
+                peer_id,
+            }));
+    }
+
+    /// Close a connection from our side with an `error` frame.
+    fn fail(&mut self, id: ConnectionId, error: String) {
+        let target = self.conns.get(&id).and_then(|c| match &c.state {
+            ConnState::Ready(p) => Some(p.peer_id.clone()),
+            _ => None,
+        });
+        let frame = Message::Error {
+            message: error.clone(),
+            sender_id: Some(self.config.peer_id.clone()),
+            target_id: target,
+        }
+        .encode();
+        self.outputs.push_back(Output::Send {
+            connection: id,
+            frame,
+        });
+        self.outputs.push_back(Output::Event(Event::ProtocolError {
+            connection: id,
+            error: error.clone(),
+        }));
+        self.outputs.push_back(Output::Close {
+            connection: id,
+            reason: Some(error),
+        });
+        if let Some(conn) = self.conns.remove(&id) {
+            self.forget_connection(id, conn);
+        }
+    }
+
+    /// Close a connection from our side without error.
+    pub fn close(&mut self, id: ConnectionId) {
+        if let Some(conn) = self.conns.remove(&id) {
+            let frame = Message::Leave {
+                sender_id: self.config.peer_id.clone(),
+            }
+            .encode();
+            self.outputs.push_back(Output::Send {
+                connection: id,
+                frame,
+            });
+            self.outputs.push_back(Output::Close {
+                connection: id,
+                reason: None,
+            });
+            self.forget_connection(id, conn);
+        }
+    }
+
+    fn metadata(&self) -> PeerMetadata {
+        PeerMetadata {
+            storage_id: (!self.config.ephemeral).then(|| self.storage_id.clone()),
+            is_ephemeral: self.config.ephemeral,
+        }
+    }
+
+    /// A frame arrived on a connection. Malformed or unexpected frames get an
+    /// `error` frame and a close; they never panic or disturb other peers.
+    pub fn receive(
+        &mut self,
+        now: Millis,
+        id: ConnectionId,
+        frame: &[u8],
+    ) -> Result<(), RepoError> {
+        self.now = now;
+        if !self.conns.contains_key(&id) {
+            return Err(RepoError::UnknownConnection(id));
+        }
+        let msg = match Message::decode(frame) {
+            Ok(m) => m,
+            Err(e) => {
+                let text = match &e {
+                    DecodeError::UnknownType(t) => format!("unknown message type {t:?}"),
+                    other => format!("malformed message: {other}"),
+                };
+                self.fail(id, text);
+                return Ok(());
+            }
+        };
+        let state = &self.conns[&id].state;
+        match (state, msg) {
+            (
+                ConnState::AwaitingJoin,
+                Message::Join {
+                    sender_id,
+                    supported_protocol_versions,
+                    metadata,
+                },
+            ) => {
+                if !supported_protocol_versions
+                    .iter()
+                    .any(|v| v == PROTOCOL_VERSION)
+                {
+                    self.fail(
+                        id,
+                        format!(
+                            "unsupported protocol versions {supported_protocol_versions:?}; this server speaks {PROTOCOL_VERSION:?}"
+                        ),
+                    );
+                    return Ok(());
+                }
+                let peer = Message::Peer {
+                    sender_id: self.config.peer_id.clone(),
+                    target_id: sender_id.clone(),
+                    selected_protocol_version: PROTOCOL_VERSION.into(),
+                    metadata: Some(self.metadata()),
+                };
+                self.outputs.push_back(Output::Send {
+                    connection: id,
+                    frame: peer.encode(),
+                });
+                self.ready(id, sender_id, metadata.unwrap_or_default());
+            }
+            (
+                ConnState::AwaitingPeer,
+                Message::Peer {
+                    sender_id,
+                    selected_protocol_version,
+                    metadata,
+                    ..
+                },
+            ) => {
+                if selected_protocol_version != PROTOCOL_VERSION {
+                    self.fail(
+                        id,
+                        format!("unsupported protocol version {selected_protocol_version:?}"),
+                    );
+                    return Ok(());
+                }
+                self.ready(id, sender_id, metadata.unwrap_or_default());
+            }
+            (_, Message::Error { message, .. }) => {
+                self.outputs.push_back(Output::Event(Event::ProtocolError {
+                    connection: id,
+                    error: format!("peer reported: {message}"),
+                }));
+                self.outputs.push_back(Output::Close {
+                    connection: id,
+                    reason: Some(message),
+                });
+                self.disconnect(id);
+            }
+            (_, Message::Leave { .. }) => {
+                self.outputs.push_back(Output::Close {
+                    connection: id,
+                    reason: None,
+                });
+                self.disconnect(id);
+            }
+            (ConnState::Ready(_), msg) => self.receive_ready(id, msg)?,
+            (ConnState::AwaitingJoin, other) => {
+                self.fail(id, format!("expected join, got {}", other.type_name()));
+            }
+            (ConnState::AwaitingPeer, other) => {
+                self.fail(id, format!("expected peer, got {}", other.type_name()));
+            }
+        }
+        Ok(())
+    }
+
+    fn ready(&mut self, id: ConnectionId, peer_id: PeerId, metadata: PeerMetadata) {
+        let info = PeerInfo {
+            connection: id,
+            peer_id,
+            storage_id: metadata.storage_id,
+            ephemeral: metadata.is_ephemeral,
+        };
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.state = ConnState::Ready(info.clone());
+        }
+        for doc in &self.active {
+            if (self.policy.announce(&info, doc) || self.wanted.contains(doc))
+                && self.policy.access(&info, doc) != Access::None
+            {
+                self.to_sync.insert((id, *doc));
+            }
+        }
+        self.outputs
+            .push_back(Output::Event(Event::PeerConnected(info)));
+    }
+
+    fn receive_ready(&mut self, cid: ConnectionId, msg: Message) -> Result<(), RepoError> {
+        let peer = match &self.conns[&cid].state {
+            ConnState::Ready(p) => p.clone(),
+            _ => unreachable!("checked by caller"),
+        };
+        match msg {
+            Message::Sync {
+                document_id, data, ..
+            } => self.receive_sync(cid, &peer, document_id, &data, false),
+            Message::Request {
+                document_id, data, ..
+            } => self.receive_sync(cid, &peer, document_id, &data, true),
+            Message::DocUnavailable { document_id, .. } => {
+                self.outputs
+                    .push_back(Output::Event(Event::DocumentUnavailable {
+                        document: document_id,
+                        peer_id: peer.peer_id,
+                    }));
+                Ok(())
+            }
+            Message::Ephemeral {
+                count,
+                session_id,
+                document_id,
+                data,
+                sender_id,
+                ..
+            } => {
+                self.receive_ephemeral(cid, &peer, sender_id, count, session_id, document_id, data);
+                Ok(())
+            }
+            Message::RemoteSubscriptionChange { add, remove, .. } => {
+                let conn = self.conns.get_mut(&cid).expect("ready connection");
+                conn.remote_subs.extend(add);
+                for r in &remove {
+                    conn.remote_subs.remove(r);
+                }
+                Ok(())
+            }
+            Message::RemoteHeadsChanged {
+                document_id,
+                new_heads,
+                ..
+            } => {
+                if self.access_for(cid, &peer, &document_id) == Access::None {
+                    return Ok(());
+                }
+                for h in &new_heads {
+                    self.outputs.push_back(Output::Event(Event::RemoteHeads {
+                        document: document_id,
+                        storage_id: h.storage_id.clone(),
+                        heads: h.heads.clone(),
+                    }));
+                }
+                self.gossip_heads(Some(cid), document_id, new_heads);
+                Ok(())
+            }
+            other @ (Message::Join { .. } | Message::Peer { .. }) => {
+                self.fail(
+                    cid,
+                    format!("unexpected {} after the handshake", other.type_name()),
+                );
+                Ok(())
+            }
+            Message::Error { .. } | Message::Leave { .. } => unreachable!("handled by caller"),
+        }
+    }
+
+    /// The peer's access to a document, asked of the policy once per connection.
+    fn access_for(&mut self, cid: ConnectionId, peer: &PeerInfo, doc: &DocumentId) -> Access {
+        match self.conns.get(&cid).and_then(|c| c.docs.get(doc)) {
+            Some(pd) => pd.access,
+            None => self.policy.access(peer, doc),
+        }
+    }
+
+    fn doc_unavailable(&mut self, cid: ConnectionId, peer: &PeerInfo, doc: DocumentId) {
+        let frame = Message::DocUnavailable {
+            sender_id: self.config.peer_id.clone(),
+            target_id: peer.peer_id.clone(),
+            document_id: doc,
+        }
+        .encode();
+        self.outputs.push_back(Output::Send {
+            connection: cid,
+            frame,
+        });
+    }
+
+    fn receive_sync(
+        &mut self,
+        cid: ConnectionId,
+        peer: &PeerInfo,
+        doc: DocumentId,
+        data: &[u8],
+        is_request: bool,
+    ) -> Result<(), RepoError> {
+        let access = self.access_for(cid, peer, &doc);
+        if access == Access::None || self.docs.quarantine_reason(&doc).is_some() {
+            self.doc_unavailable(cid, peer, doc);
+            return Ok(());
+        }
+        let message = match sync::Message::decode(data) {
+            Ok(m) => m,
+            Err(e) => {
+                self.fail(
+                    cid,
+                    format!("invalid automerge sync message for {doc}: {e}"),
+                );
+                return Ok(());
+            }
+        };
+        let exists = self.docs.exists(&doc)?;
+        if !exists {
+            // A storing peer accepts a new document from a writer; a request
+            // for something we do not have is answered at once.
+            if is_request || access != Access::ReadWrite {
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            self.create_with_id(doc)?;
+        }
+        if !self.conns[&cid].docs.contains_key(&doc) {
+            let sync = load_sync_state(&self.docs.storage, &doc, peer);
+            let conn = self.conns.get_mut(&cid).expect("ready connection");
+            conn.docs.insert(doc, PeerDoc::new(access, sync));
+        }
+        let loaded = match self.docs.get(&doc) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            Err(RepoError::CorruptDocument { reason, .. }) => {
+                tracing::error!(document = %doc, %reason, "stored document does not load");
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            Err(RepoError::Quarantined { .. }) => {
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        // A request for a document we only know as an empty placeholder.
+        if is_request && loaded.doc.get_heads().is_empty() {
+            self.doc_unavailable(cid, peer, doc);
+            return Ok(());
+        }
+        let conn = self.conns.get_mut(&cid).expect("ready connection");
+        let pd = conn.docs.get_mut(&doc).expect("inserted above");
+        pd.received = true;
+        let brings_changes = !message.changes.is_empty();
+        let before_shared = pd.sync.shared_heads.clone();
+        let before_theirs = pd.sync.their_heads.clone();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let before = loaded.doc.get_heads();
+            loaded
+                .doc
+                .sync()
+                .receive_sync_message(&mut pd.sync, message)?;
+            let after = loaded.doc.get_heads();
+            Ok::<_, AutomergeError>((after != before).then_some(after))
+        }));
+        let changed = match result {
+            Ok(Ok(changed)) => changed,
+            Ok(Err(e)) => {
+                self.fail(
+                    cid,
+                    format!("automerge rejected the sync message for {doc}: {e}"),
+                );
+                return Ok(());
+            }
+            Err(panic) => {
+                let _ = self.quarantine(doc, panic_message(panic));
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+        };
+        if access == Access::Read && brings_changes {
+            self.outputs.push_back(Output::Event(Event::AccessDenied {
+                connection: cid,
+                document: doc,
+                reason: format!(
+                    "{} has read-only access; its changes were not applied",
+                    peer.peer_id
+                ),
+            }));
+        }
+        let pd = &self.conns[&cid].docs[&doc];
+        if pd.sync.shared_heads != before_shared {
+            self.sync_state_dirty.insert((cid, doc));
+        }
+        let their_heads = pd.sync.their_heads.clone();
+        if let Some(heads) = changed {
+            if let Some(l) = self.docs.get(&doc)? {
+                l.dirty = true;
+                l.pinned = false;
+            }
+            self.on_changed(doc, Origin::Remote(peer.peer_id.clone()), heads, Some(cid));
+        }
+        self.to_sync.insert((cid, doc));
+        if their_heads != before_theirs
+            && let (Some(sid), Some(heads)) = (&peer.storage_id, their_heads)
+        {
+            let new_heads = vec![RemoteHeads {
+                storage_id: sid.clone(),
+                heads: heads
+                    .iter()
+                    .map(|h| bs58::encode(h.0).with_check().into_string())
+                    .collect(),
+                timestamp: self.now as f64,
+            }];
+            self.gossip_heads(Some(cid), doc, new_heads);
+        }
+        Ok(())
+    }
+
+    /// Tell connections subscribed to these stores about their new heads.
+    fn gossip_heads(
+        &mut self,
+        from: Option<ConnectionId>,
+        doc: DocumentId,
+        heads: Vec<RemoteHeads>,
+    ) {
+        let me = self.config.peer_id.clone();
+        let mut frames = Vec::new();
+        for (cid, conn) in &self.conns {
+            if Some(*cid) == from {
+                continue;
+            }
+            let ConnState::Ready(peer) = &conn.state else {
+                continue;
+            };
+            let relevant: Vec<_> = heads
+                .iter()
+                .filter(|h| conn.remote_subs.contains(&h.storage_id))
+                .cloned()
+                .collect();
+            if relevant.is_empty() {
+                continue;
+            }
+            let access = conn
+                .docs
+                .get(&doc)
+                .map_or_else(|| self.policy.access(peer, &doc), |pd| pd.access);
+            if access == Access::None {
+                continue;
+            }
+            frames.push(Output::Send {
+                connection: *cid,
+                frame: Message::RemoteHeadsChanged {
+                    sender_id: me.clone(),
+                    target_id: peer.peer_id.clone(),
+                    document_id: doc,
+                    new_heads: relevant,
+                }
+                .encode(),
+            });
+        }
+        self.outputs.extend(frames);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn receive_ephemeral(
+        &mut self,
+        cid: ConnectionId,
+        peer: &PeerInfo,
+        sender: PeerId,
+        count: u64,
+        session_id: String,
+        doc: DocumentId,
+        data: Vec<u8>,
+    ) {
+        if self.access_for(cid, peer, &doc) == Access::None {
+            return;
+        }
+        let key = (sender.clone(), session_id.clone());
+        if self
+            .ephemeral_seen
+            .get(&key)
+            .is_some_and(|last| count <= *last)
+        {
+            return; // already seen (it reached us by two paths)
+        }
+        self.ephemeral_seen.insert(key, count);
+        let mut frames = Vec::new();
+        for (other, conn) in &self.conns {
+            if *other == cid {
+                continue;
+            }
+            let ConnState::Ready(p) = &conn.state else {
+                continue;
+            };
+            if conn
+                .docs
+                .get(&doc)
+                .is_some_and(|pd| pd.access != Access::None)
+            {
+                frames.push(Output::Send {
+                    connection: *other,
+                    frame: Message::Ephemeral {
+                        sender_id: sender.clone(),
+                        target_id: p.peer_id.clone(),
+                        count,
+                        session_id: session_id.clone(),
+                        document_id: doc,
+                        data: data.clone(),
+                    }
+                    .encode(),
+                });
+            }
+        }
+        self.outputs.extend(frames);
+        self.outputs.push_back(Output::Event(Event::Ephemeral {
+            document: doc,
+            sender,
+            data,
+        }));
+    }
+
+    /// The next thing for the driver to do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// Take every queued output.
+    pub fn drain_outputs(&mut self) -> Vec<Output> {
+        self.outputs.drain(..).collect()
+    }
+}
+
+fn sync_state_key(doc: &DocumentId, sid: &StorageId) -> StorageKey {
+    let mut parts = doc_prefix(doc).parts().to_vec();
+    parts.push("sync-state".into());
+    parts.push(sid.as_str().replace('\0', ""));
+    StorageKey::from_trusted(parts)
+}
+
+/// The persisted sync state with this peer's store, or a fresh one.
+fn load_sync_state<S: Storage>(storage: &S, doc: &DocumentId, peer: &PeerInfo) -> sync::State {
+    let (Some(sid), false) = (&peer.storage_id, peer.ephemeral) else {
+        return sync::State::new();
+    };
+    match storage.get(&sync_state_key(doc, sid)) {
+        Ok(Some(bytes)) => sync::State::decode(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(document = %doc, error = %e, "corrupt sync state ignored");
+            sync::State::new()
+        }),
+        Ok(None) => sync::State::new(),
+        Err(e) => {
+            tracing::warn!(document = %doc, error = %e, "cannot read sync state");
+            sync::State::new()
+        }
+    }
+}
