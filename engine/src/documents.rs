@@ -185,15 +185,14 @@ impl<S: Storage> Documents<S> {
         let mut incrementals = Vec::new();
         for (key, value) in entries {
             match key.parts().get(1).map(String::as_str) {
-                Some("snapshot") => {
-                    // Two snapshots can only coexist if a compaction's delete
-                    // was lost; both load fine, keep the larger.
+                // Two snapshots can only coexist if a compaction's delete
+                // was lost; both load fine, keep the larger.
+                Some("snapshot")
                     if snapshot
                         .as_ref()
-                        .is_none_or(|(_, v): &(StorageKey, Vec<u8>)| v.len() < value.len())
-                    {
-                        snapshot = Some((key, value));
-                    }
+                        .is_none_or(|(_, v): &(StorageKey, Vec<u8>)| v.len() < value.len()) =>
+                {
+                    snapshot = Some((key, value));
                 }
                 Some("incremental") => incrementals.push((key, value)),
                 _ => {}

@@ -552,12 +552,10 @@ impl<S: Storage> Repo<S> {
                 continue;
             };
             let peer = peer.clone();
-            if !conn.docs.contains_key(&id) {
+            let pd = conn.docs.entry(id).or_insert_with(|| {
                 let access = self.policy.access(&peer, &id);
-                let sync = load_sync_state(&self.docs.storage, &id, &peer);
-                conn.docs.insert(id, PeerDoc::new(access, sync));
-            }
-            let pd = conn.docs.get_mut(&id).expect("inserted above");
+                PeerDoc::new(access, load_sync_state(&self.docs.storage, &id, &peer))
+            });
             if pd.access == Access::None {
                 continue;
             }
@@ -614,6 +612,16 @@ impl<S: Storage> Repo<S> {
     }
 
     // ---- network ---------------------------------------------------------
+
+    /// A connection id not in use on this repo (for in-process links).
+    pub fn fresh_connection_id(&mut self) -> ConnectionId {
+        let next = self
+            .conns
+            .keys()
+            .next_back()
+            .map_or(1 << 40, |c| c.0.max(1 << 40) + 1);
+        ConnectionId(next)
+    }
 
     /// A connection opened. `Outgoing` sends `join` at once; `Incoming`
     /// waits for the peer's `join`.

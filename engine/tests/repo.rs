@@ -1,0 +1,636 @@
+//! Behaviour of the sans-IO repo: durability, persistence, memory, the
+//! protocol state machine, share policy, and containment of bad input.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use automerge::{ROOT, ReadDoc, transaction::Transactable};
+use tandem_engine::protocol::{Message, PeerMetadata};
+use tandem_engine::storage::StorageKey;
+use tandem_engine::{
+    Access, ConnectionId, Cursor, Direction, DocumentId, Event, MemoryStorage, Origin, Output,
+    PeerId, PeerInfo, RedbStorage, Repo, RepoConfig, RepoError, ServeOnRequest, ShareAll,
+    SharePolicy, Storage, StorageError, WriteBatch, sync_in_process,
+};
+
+/// Storage that counts commits and can be told to fail.
+#[derive(Default)]
+struct Faulty {
+    inner: MemoryStorage,
+    fail: AtomicBool,
+    commits: AtomicUsize,
+}
+
+impl Storage for Faulty {
+    fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(key)
+    }
+    fn scan(
+        &self,
+        prefix: &StorageKey,
+        after: Option<&StorageKey>,
+        limit: usize,
+    ) -> Result<Vec<(StorageKey, Vec<u8>)>, StorageError> {
+        self.inner.scan(prefix, after, limit)
+    }
+    fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StorageError::Backend("injected failure".into()));
+        }
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.inner.commit(batch)
+    }
+}
+
+fn config(name: &str) -> RepoConfig {
+    RepoConfig::new(PeerId::new(name))
+}
+
+fn server() -> Repo<MemoryStorage> {
+    Repo::open(MemoryStorage::new(), config("server"), ServeOnRequest).unwrap()
+}
+
+fn client(name: &str) -> Repo<MemoryStorage> {
+    Repo::open(MemoryStorage::new(), config(name), ShareAll).unwrap()
+}
+
+fn put(repo: &mut Repo<impl Storage>, doc: &DocumentId, key: &str, value: i64) {
+    repo.change(doc, |d| d.put(ROOT, key, value)).unwrap();
+}
+
+fn get(repo: &mut Repo<impl Storage>, doc: &DocumentId, key: &str) -> Option<i64> {
+    repo.view(doc, |d| {
+        d.get(ROOT, key).unwrap().and_then(|(v, _)| v.as_i64())
+    })
+    .unwrap()
+}
+
+fn sends(outputs: &[Output], conn: ConnectionId) -> Vec<Message> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send { connection, frame } if *connection == conn => {
+                Some(Message::decode(frame).unwrap())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn join(name: &str) -> Vec<u8> {
+    Message::Join {
+        sender_id: PeerId::new(name),
+        supported_protocol_versions: vec!["1".into()],
+        metadata: Some(PeerMetadata::default()),
+    }
+    .encode()
+}
+
+/// An incoming connection that completed the handshake.
+fn joined(repo: &mut Repo<impl Storage>, conn: u64, name: &str) -> ConnectionId {
+    let c = ConnectionId(conn);
+    repo.connect(c, Direction::Incoming).unwrap();
+    repo.receive(0, c, &join(name)).unwrap();
+    let out = repo.drain_outputs();
+    assert!(matches!(sends(&out, c).as_slice(), [Message::Peer { .. }]));
+    c
+}
+
+fn closed(outputs: &[Output], conn: ConnectionId) -> bool {
+    outputs
+        .iter()
+        .any(|o| matches!(o, Output::Close { connection, .. } if *connection == conn))
+}
+
+// ---- durability and persistence -------------------------------------------
+
+#[test]
+fn nothing_is_advertised_before_it_is_durable() {
+    let storage = Arc::new(Faulty::default());
+    let mut s = Repo::open(storage.clone(), config("server"), ShareAll).unwrap();
+    let c = joined(&mut s, 1, "peer");
+    let doc = s.create().unwrap();
+    put(&mut s, &doc, "x", 1);
+    // Before flush: no sync frame at all.
+    assert!(sends(&s.drain_outputs(), c).is_empty());
+    // A failing flush acknowledges nothing and sends nothing.
+    storage.fail.store(true, Ordering::SeqCst);
+    assert!(s.flush().is_err());
+    let out = s.drain_outputs();
+    assert!(sends(&out, c).is_empty(), "advertised non-durable heads");
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Output::Event(Event::Committed(_))))
+    );
+    // The failed change is not in memory any more either (storage is the truth).
+    storage.fail.store(false, Ordering::SeqCst);
+    assert!(matches!(s.view(&doc, |_| ()), Err(RepoError::NotFound(_))));
+    // A later change on a fresh document works and is announced after flush.
+    let doc2 = s.create().unwrap();
+    put(&mut s, &doc2, "y", 2);
+    s.flush().unwrap();
+    let msgs = sends(&s.drain_outputs(), c);
+    assert!(msgs.iter().any(|m| m.document_id() == Some(doc2)));
+}
+
+#[test]
+fn group_commit_writes_many_documents_in_one_transaction() {
+    let storage = Arc::new(Faulty::default());
+    let mut repo = Repo::open(storage.clone(), config("a"), ShareAll).unwrap();
+    let before = storage.commits.load(Ordering::SeqCst);
+    let docs: Vec<_> = (0..50).map(|_| repo.create().unwrap()).collect();
+    for (i, d) in docs.iter().enumerate() {
+        put(&mut repo, d, "n", i as i64);
+    }
+    let report = repo.flush().unwrap();
+    assert_eq!(storage.commits.load(Ordering::SeqCst) - before, 1);
+    assert_eq!(report.documents, 50);
+    assert_eq!(report.commits, 50);
+}
+
+#[test]
+fn a_commit_writes_only_its_new_changes() {
+    let mut repo = client("a");
+    let doc = repo.create().unwrap();
+    repo.change(&doc, |d| d.put(ROOT, "big", "x".repeat(20_000)))
+        .unwrap();
+    let first = repo.flush().unwrap();
+    assert!(first.bytes > 1_000, "{first:?}");
+    put(&mut repo, &doc, "small", 1);
+    let second = repo.flush().unwrap();
+    assert!(
+        second.bytes < 600,
+        "a small edit rewrote {} bytes",
+        second.bytes
+    );
+}
+
+#[test]
+fn documents_reload_from_disk_with_compaction_in_between() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let mut cfg = config("a");
+    cfg.documents.compaction_min_bytes = 2_000;
+    let doc;
+    {
+        let mut repo =
+            Repo::open(RedbStorage::open(&path).unwrap(), cfg.clone(), ShareAll).unwrap();
+        doc = repo.create().unwrap();
+        for i in 0..300 {
+            put(&mut repo, &doc, &format!("k{}", i % 40), i);
+            repo.flush().unwrap();
+        }
+        let keys = repo
+            .storage()
+            .scan(
+                &StorageKey::new([doc.to_string()]).unwrap(),
+                None,
+                usize::MAX,
+            )
+            .unwrap();
+        let snapshots = keys
+            .iter()
+            .filter(|(k, _)| k.parts()[1] == "snapshot")
+            .count();
+        let incrementals = keys
+            .iter()
+            .filter(|(k, _)| k.parts()[1] == "incremental")
+            .count();
+        assert_eq!(snapshots, 1, "compaction keeps exactly one snapshot");
+        assert!(
+            incrementals < 300,
+            "compaction folded incrementals: {incrementals}"
+        );
+    }
+    let mut repo = Repo::open(RedbStorage::open(&path).unwrap(), cfg, ShareAll).unwrap();
+    for k in 0..40 {
+        let last = (0..300).filter(|i| i % 40 == k).max().unwrap();
+        assert_eq!(get(&mut repo, &doc, &format!("k{k}")), Some(last));
+    }
+}
+
+#[test]
+fn idle_documents_are_evicted_and_reload_transparently() {
+    let mut cfg = config("a");
+    cfg.documents.max_loaded_documents = 3;
+    let mut repo = Repo::open(MemoryStorage::new(), cfg, ShareAll).unwrap();
+    let docs: Vec<_> = (0..10).map(|_| repo.create().unwrap()).collect();
+    for (i, d) in docs.iter().enumerate() {
+        put(&mut repo, d, "n", i as i64);
+    }
+    let report = repo.flush().unwrap();
+    assert_eq!(report.evicted, 7);
+    assert_eq!(repo.loaded_documents(), 3);
+    assert!(!repo.is_loaded(&docs[0]), "least recently used goes first");
+    assert_eq!(get(&mut repo, &docs[0], "n"), Some(0));
+    assert!(repo.is_loaded(&docs[0]));
+    assert_eq!(repo.document_ids().unwrap().len(), 10);
+}
+
+#[test]
+fn the_store_keeps_its_id_and_lists_its_documents() {
+    let storage = Arc::new(MemoryStorage::new());
+    let (id, doc) = {
+        let mut r = Repo::open(storage.clone(), config("a"), ShareAll).unwrap();
+        let doc = r.create().unwrap();
+        put(&mut r, &doc, "x", 1);
+        r.flush().unwrap();
+        (r.storage_id().clone(), doc)
+    };
+    let r = Repo::open(storage, config("a"), ShareAll).unwrap();
+    assert_eq!(r.storage_id(), &id);
+    assert_eq!(r.document_ids().unwrap(), vec![doc]);
+}
+
+// ---- change feed -----------------------------------------------------------
+
+#[test]
+fn the_feed_delivers_every_commit_once_in_order_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("feed.redb");
+    let mut a = Repo::open(RedbStorage::open(&path).unwrap(), config("a"), ShareAll).unwrap();
+    let mut b = client("b");
+    let doc = a.create().unwrap();
+    put(&mut a, &doc, "x", 1);
+    put(&mut a, &doc, "x", 2);
+    a.flush().unwrap();
+    let events = a.drain_outputs();
+    let committed: Vec<_> = events
+        .iter()
+        .filter_map(|o| match o {
+            Output::Event(Event::Committed(e)) => Some(e.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(committed, vec![1, 2]);
+    // A remote change arrives with its origin.
+    let bdoc = b.create().unwrap();
+    put(&mut b, &bdoc, "y", 3);
+    b.flush().unwrap();
+    sync_in_process(&mut b, &mut a, 50).unwrap();
+
+    let feed = a.feed();
+    let first = feed.read(Cursor::START, 2).unwrap();
+    assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(
+        first
+            .iter()
+            .all(|e| e.origin == Origin::Local && e.document == doc)
+    );
+    feed.save_cursor("sqlite-mirror", Cursor(2)).unwrap();
+    drop(a);
+
+    let a = Repo::open(RedbStorage::open(&path).unwrap(), config("a"), ShareAll).unwrap();
+    let feed = a.feed();
+    let cursor = feed.cursor("sqlite-mirror").unwrap();
+    assert_eq!(cursor, Cursor(2));
+    let rest = feed.read(cursor, 100).unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].seq, 3);
+    assert_eq!(rest[0].document, bdoc);
+    assert_eq!(rest[0].origin, Origin::Remote(PeerId::new("b")));
+    assert_eq!(feed.last_seq().unwrap(), 3);
+}
+
+// ---- protocol --------------------------------------------------------------
+
+#[test]
+fn changes_fan_out_to_every_peer_sharing_the_document() {
+    let mut hub = server();
+    let mut a = client("a");
+    let mut b = client("b");
+    let mut c = client("c");
+    let doc = a.create().unwrap();
+    put(&mut a, &doc, "x", 1);
+    a.flush().unwrap();
+    sync_in_process(&mut a, &mut hub, 50).unwrap();
+    for r in [&mut b, &mut c] {
+        r.request(doc).unwrap();
+        sync_in_process(r, &mut hub, 50).unwrap();
+        assert_eq!(get(r, &doc, "x"), Some(1));
+    }
+    // Now keep b and c connected; a change from a reaches both unasked.
+    let (hb, hc, ha) = (ConnectionId(10), ConnectionId(11), ConnectionId(12));
+    let mut pairs: Vec<(&mut Repo<MemoryStorage>, ConnectionId, ConnectionId)> = vec![
+        (&mut b, ConnectionId(1), hb),
+        (&mut c, ConnectionId(1), hc),
+        (&mut a, ConnectionId(1), ha),
+    ];
+    for (r, rc, hcid) in pairs.iter_mut() {
+        r.connect(*rc, Direction::Outgoing).unwrap();
+        hub.connect(*hcid, Direction::Incoming).unwrap();
+    }
+    pairs[2].0.change(&doc, |d| d.put(ROOT, "x", 2)).unwrap();
+    for _ in 0..20 {
+        for (r, rc, hcid) in pairs.iter_mut() {
+            r.flush().unwrap();
+            for o in r.drain_outputs() {
+                if let Output::Send { frame, .. } = o {
+                    hub.receive(0, *hcid, &frame).unwrap();
+                }
+            }
+            let _ = rc;
+        }
+        hub.flush().unwrap();
+        for o in hub.drain_outputs() {
+            if let Output::Send { connection, frame } = o {
+                let (r, rc, _) = pairs.iter_mut().find(|(_, _, h)| *h == connection).unwrap();
+                r.receive(0, *rc, &frame).unwrap();
+            }
+        }
+    }
+    assert_eq!(get(pairs[0].0, &doc, "x"), Some(2));
+    assert_eq!(get(pairs[1].0, &doc, "x"), Some(2));
+}
+
+#[test]
+fn an_unknown_document_is_unavailable() {
+    let mut hub = server();
+    let mut a = client("a");
+    let doc = DocumentId::from_bytes([42; 16]);
+    a.request(doc).unwrap();
+    let report = sync_in_process(&mut a, &mut hub, 50).unwrap();
+    assert!(report.events.0.iter().any(|e| matches!(
+        e,
+        Event::DocumentUnavailable { document, .. } if *document == doc
+    )));
+    assert!(!hub.contains(&doc).unwrap());
+}
+
+/// A policy: peer "reader" may only read, "stranger" sees nothing.
+struct Grants;
+impl SharePolicy for Grants {
+    fn access(&self, peer: &PeerInfo, _: &DocumentId) -> Access {
+        match peer.peer_id.as_str() {
+            "reader" => Access::Read,
+            "stranger" => Access::None,
+            _ => Access::ReadWrite,
+        }
+    }
+    fn announce(&self, _: &PeerInfo, _: &DocumentId) -> bool {
+        false
+    }
+}
+
+#[test]
+fn share_policy_hides_documents_and_refuses_read_only_writes() {
+    let mut hub = Repo::open(MemoryStorage::new(), config("server"), Grants).unwrap();
+    let mut writer = client("writer");
+    let doc = writer.create().unwrap();
+    put(&mut writer, &doc, "x", 1);
+    writer.flush().unwrap();
+    sync_in_process(&mut writer, &mut hub, 50).unwrap();
+    assert_eq!(get(&mut hub, &doc, "x"), Some(1));
+
+    // A stranger never learns the document exists.
+    let mut stranger = client("stranger");
+    stranger.request(doc).unwrap();
+    let r = sync_in_process(&mut stranger, &mut hub, 50).unwrap();
+    assert!(
+        r.events
+            .0
+            .iter()
+            .any(|e| matches!(e, Event::DocumentUnavailable { .. }))
+    );
+    assert!(stranger.heads(&doc).unwrap().is_empty());
+
+    // A reader gets the document, but its own change is not applied.
+    let mut reader = client("reader");
+    reader.request(doc).unwrap();
+    sync_in_process(&mut reader, &mut hub, 50).unwrap();
+    assert_eq!(get(&mut reader, &doc, "x"), Some(1));
+    put(&mut reader, &doc, "x", 99);
+    reader.flush().unwrap();
+    sync_in_process(&mut reader, &mut hub, 50).unwrap();
+    assert_eq!(
+        get(&mut hub, &doc, "x"),
+        Some(1),
+        "read-only change applied"
+    );
+    // A reader that ignores the read-only flag and pushes its change anyway
+    // is refused and the refusal reported.
+    let change = reader
+        .view(&doc, |d| {
+            d.get_last_local_change().unwrap().raw_bytes().to_vec()
+        })
+        .unwrap();
+    let head = reader.heads(&doc).unwrap();
+    let pushy = automerge::sync::Message {
+        heads: head,
+        need: vec![],
+        have: vec![],
+        changes: vec![change].into(),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    let c = joined(&mut hub, 77, "reader");
+    let frame = Message::Sync {
+        sender_id: PeerId::new("reader"),
+        target_id: PeerId::new("server"),
+        document_id: doc,
+        data: pushy.encode(),
+    };
+    hub.receive(0, c, &frame.encode()).unwrap();
+    hub.flush().unwrap();
+    let out = hub.drain_outputs();
+    assert!(out.iter().any(
+        |o| matches!(o, Output::Event(Event::AccessDenied { document, .. }) if *document == doc)
+    ));
+    assert!(!closed(&out, c), "a refused write is reported, not fatal");
+    assert_eq!(
+        get(&mut hub, &doc, "x"),
+        Some(1),
+        "read-only change applied"
+    );
+    // A stranger's write to a new document is refused too.
+    let sdoc = stranger.create().unwrap();
+    put(&mut stranger, &sdoc, "z", 1);
+    stranger.flush().unwrap();
+    sync_in_process(&mut stranger, &mut hub, 50).unwrap();
+    assert!(!hub.contains(&sdoc).unwrap());
+}
+
+#[test]
+fn sync_states_persist_per_storage_id_so_reconnects_send_little() {
+    let mut hub = server();
+    let storage = Arc::new(MemoryStorage::new());
+    let mut a = Repo::open(storage.clone(), config("a"), ShareAll).unwrap();
+    let doc = a.create().unwrap();
+    // Incompressible values, so the document's size is real.
+    let mut seed: u64 = 7;
+    for i in 0..200 {
+        let value: String = (0..60)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b'a' + (seed >> 59) as u8)
+            })
+            .collect();
+        a.change(&doc, |d| d.put(ROOT, format!("k{i}"), value))
+            .unwrap();
+    }
+    a.flush().unwrap();
+    let first = sync_in_process(&mut a, &mut hub, 50).unwrap();
+    drop(a);
+    let mut a = Repo::open(storage, config("a"), ShareAll).unwrap();
+    put(&mut a, &doc, "new", 1);
+    a.flush().unwrap();
+    let again = sync_in_process(&mut a, &mut hub, 50).unwrap();
+    assert_eq!(get(&mut hub, &doc, "new"), Some(1));
+    assert!(
+        again.bytes.0 * 10 < first.bytes.0,
+        "reconnect sent {} bytes, first sync {}",
+        again.bytes.0,
+        first.bytes.0
+    );
+}
+
+// ---- bad input ---------------------------------------------------------------
+
+#[test]
+fn malformed_frames_get_an_error_and_a_close_and_nothing_else_breaks() {
+    let mut hub = server();
+    let mut good = client("good");
+    let doc = good.create().unwrap();
+    put(&mut good, &doc, "x", 1);
+    good.flush().unwrap();
+    sync_in_process(&mut good, &mut hub, 50).unwrap();
+
+    let sync_garbage = Message::Sync {
+        sender_id: PeerId::new("bad"),
+        target_id: PeerId::new("server"),
+        document_id: doc,
+        data: vec![0x42, 0xff, 0xff, 0x00, 0x13],
+    }
+    .encode();
+    let truncated = {
+        let f = join("bad");
+        f[..f.len() - 4].to_vec()
+    };
+    let unknown = {
+        let mut v = Vec::new();
+        let m = ciborium::Value::Map(vec![(
+            ciborium::Value::Text("type".into()),
+            ciborium::Value::Text("teleport".into()),
+        )]);
+        ciborium::ser::into_writer(&m, &mut v).unwrap();
+        v
+    };
+    let before_join = Message::Sync {
+        sender_id: PeerId::new("bad"),
+        target_id: PeerId::new("server"),
+        document_id: doc,
+        data: vec![],
+    }
+    .encode();
+    let bad_version = Message::Join {
+        sender_id: PeerId::new("bad"),
+        supported_protocol_versions: vec!["0".into()],
+        metadata: None,
+    }
+    .encode();
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("garbage bytes", vec![0xde, 0xad, 0xbe, 0xef, 0x00], false),
+        (
+            "text that is not CBOR",
+            b"{\"type\":\"join\"}".to_vec(),
+            false,
+        ),
+        ("truncated CBOR", truncated, false),
+        ("unknown type", unknown, true),
+        ("message before join", before_join, false),
+        ("unsupported version", bad_version, false),
+        ("garbage sync message", sync_garbage, true),
+        ("second join", join("bad"), true),
+    ];
+    for (i, (name, frame, after_join)) in cases.into_iter().enumerate() {
+        let c = if after_join {
+            joined(&mut hub, 100 + i as u64, "bad")
+        } else {
+            let c = ConnectionId(100 + i as u64);
+            hub.connect(c, Direction::Incoming).unwrap();
+            c
+        };
+        hub.receive(0, c, &frame).unwrap();
+        let out = hub.drain_outputs();
+        let msgs = sends(&out, c);
+        assert!(
+            matches!(msgs.last(), Some(Message::Error { .. })),
+            "{name}: expected an error frame, got {msgs:?}"
+        );
+        assert!(closed(&out, c), "{name}: connection not closed");
+        assert!(hub.peers().iter().all(|p| p.connection != c), "{name}");
+    }
+    // The good peer and its document are untouched.
+    put(&mut good, &doc, "x", 2);
+    good.flush().unwrap();
+    sync_in_process(&mut good, &mut hub, 50).unwrap();
+    assert_eq!(get(&mut hub, &doc, "x"), Some(2));
+}
+
+#[test]
+fn corrupt_stored_bytes_are_an_error_for_that_document_only() {
+    let storage = Arc::new(MemoryStorage::new());
+    let (bad, fine) = {
+        let mut r = Repo::open(storage.clone(), config("a"), ShareAll).unwrap();
+        let bad = r.create().unwrap();
+        let fine = r.create().unwrap();
+        put(&mut r, &bad, "x", 1);
+        put(&mut r, &fine, "x", 2);
+        r.flush().unwrap();
+        (bad, fine)
+    };
+    // Overwrite the bad document's chunk with junk.
+    let keys = storage
+        .scan(&StorageKey::new([bad.to_string()]).unwrap(), None, 10)
+        .unwrap();
+    let mut batch = WriteBatch::new();
+    for (k, _) in keys {
+        batch.put(k, b"\x85\x6f\x4a\x83 not automerge".to_vec());
+    }
+    storage.commit(&batch).unwrap();
+    let mut r = Repo::open(storage, config("a"), ShareAll).unwrap();
+    match r.view(&bad, |_| ()) {
+        Err(RepoError::CorruptDocument { document, .. }) => assert_eq!(document, bad),
+        other => panic!("expected CorruptDocument, got {other:?}"),
+    }
+    assert_eq!(get(&mut r, &fine, "x"), Some(2));
+}
+
+#[test]
+fn a_panic_is_contained_and_the_document_quarantined() {
+    let mut r = client("a");
+    let doc = r.create().unwrap();
+    let other = r.create().unwrap();
+    put(&mut r, &doc, "x", 1);
+    put(&mut r, &other, "x", 1);
+    r.flush().unwrap();
+    r.drain_outputs();
+    let result = r.change(&doc, |d| {
+        d.put(ROOT, "x", 2)?;
+        panic!("simulated panic inside automerge");
+        #[allow(unreachable_code)]
+        Ok(())
+    });
+    assert!(
+        matches!(result, Err(RepoError::Quarantined { .. })),
+        "{result:?}"
+    );
+    assert!(r.drain_outputs().iter().any(|o| matches!(
+        o,
+        Output::Event(Event::Quarantined { document, reason }) if *document == doc && reason.contains("simulated")
+    )));
+    assert!(matches!(
+        r.view(&doc, |_| ()),
+        Err(RepoError::Quarantined { .. })
+    ));
+    assert_eq!(r.quarantined().len(), 1);
+    // Everything else keeps working.
+    put(&mut r, &other, "x", 5);
+    r.flush().unwrap();
+    assert_eq!(get(&mut r, &other, "x"), Some(5));
+    // Released, the document reloads its durable state (the panicking change never landed).
+    assert!(r.release_quarantine(&doc));
+    assert_eq!(get(&mut r, &doc, "x"), Some(1));
+}
