@@ -307,6 +307,24 @@ impl<S: Storage> Repo<S> {
             .collect()
     }
 
+    /// The heads the peer on `connection` last told us it has for `document`
+    /// (`None` before it said anything). A peer that advertises heads has
+    /// stored them (a relay advertises only durable heads), so when these
+    /// include ours, our changes are safe at that peer.
+    pub fn remote_heads(
+        &self,
+        connection: ConnectionId,
+        document: &DocumentId,
+    ) -> Option<Vec<ChangeHash>> {
+        self.conns
+            .get(&connection)?
+            .docs
+            .get(document)?
+            .sync
+            .their_heads
+            .clone()
+    }
+
     // ---- documents -------------------------------------------------------
 
     /// Create a new, empty document with a random id.
