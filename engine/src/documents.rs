@@ -139,7 +139,8 @@ impl<S: Storage> Documents<S> {
         Ok(!self.storage.scan(&doc_prefix(id), None, 1)?.is_empty())
     }
 
-    /// Add a new document that is not in storage yet.
+    /// Add a new, empty document that is not in storage yet. It is pinned
+    /// (kept in memory) until its first change makes it dirty.
     pub(crate) fn insert_new(&mut self, id: DocumentId, doc: AutoCommit) {
         self.clock += 1;
         self.loaded.insert(
@@ -149,8 +150,8 @@ impl<S: Storage> Documents<S> {
                 snapshot: None,
                 incrementals: Vec::new(),
                 incremental_bytes: 0,
-                dirty: true,
-                pinned: false,
+                dirty: false,
+                pinned: true,
                 last_used: self.clock,
             },
         );

@@ -254,7 +254,7 @@ impl Message {
                 data,
             } => {
                 m.routing(sender_id, target_id);
-                m.put("count", Value::Integer((*count).into()));
+                m.put("count", js_number(*count));
                 m.text("sessionId", session_id);
                 m.text("documentId", &document_id.to_string());
                 m.put("data", Value::Bytes(data.clone()));
@@ -285,11 +285,9 @@ impl Message {
                     .map(|h| {
                         let heads =
                             Value::Array(h.heads.iter().map(|x| Value::Text(x.clone())).collect());
-                        let ts = if h.timestamp.fract() == 0.0 && h.timestamp.abs() < 9.0e15 {
-                            Value::Integer((h.timestamp as i64).into())
-                        } else {
-                            Value::Float(h.timestamp)
-                        };
+                        // A JS number: cbor-x turns 8-byte integers into
+                        // BigInt, so write what JS writes, a float64.
+                        let ts = Value::Float(h.timestamp);
                         (
                             Value::Text(h.storage_id.to_string()),
                             Value::Map(vec![
@@ -411,6 +409,16 @@ impl Message {
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         };
         Ok(msg)
+    }
+}
+
+/// A count as JS would write it: an integer while it fits in 32 bits (cbor-x
+/// decodes wider integers to BigInt), a float64 beyond.
+fn js_number(n: u64) -> Value {
+    if n <= u64::from(u32::MAX) {
+        Value::Integer(n.into())
+    } else {
+        Value::Float(n as f64)
     }
 }
 

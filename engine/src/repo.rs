@@ -329,8 +329,10 @@ impl<S: Storage> Repo<S> {
 
     /// Create a new, empty document with a random id.
     pub fn create(&mut self) -> Result<DocumentId, RepoError> {
+        // 128 random bits: a collision with a stored id is not a practical
+        // concern, so skip the storage lookup `create_with_id` makes.
         let id = DocumentId::random();
-        self.create_with_id(id)?;
+        self.insert_empty(id);
         Ok(id)
     }
 
@@ -339,16 +341,15 @@ impl<S: Storage> Repo<S> {
         if self.docs.exists(&id)? {
             return Err(RepoError::AlreadyExists(id));
         }
-        let mut doc = AutoCommit::new();
-        // An empty document has no changes to store; keep it clean until edited.
-        let _ = doc.save_incremental();
-        self.docs.insert_new(id, doc);
-        if let Some(l) = self.docs.get(&id)? {
-            l.dirty = false;
-            l.pinned = true;
-        }
-        self.active.insert(id);
+        self.insert_empty(id);
         Ok(())
+    }
+
+    /// An empty document in memory: nothing to store until it is edited, and
+    /// pinned so eviction does not forget it before then.
+    fn insert_empty(&mut self, id: DocumentId) {
+        self.docs.insert_new(id, AutoCommit::new());
+        self.active.insert(id);
     }
 
     /// Edit a document. `f` runs against the document; its operations are
@@ -415,7 +416,16 @@ impl<S: Storage> Repo<S> {
     /// answers with [`Event::DocumentUnavailable`].
     pub fn request(&mut self, id: DocumentId) -> Result<(), RepoError> {
         if self.docs.exists(&id)? {
+            // Open it: sync with every connected peer the policy offers it to.
             self.active.insert(id);
+            for (cid, conn) in &self.conns {
+                if let ConnState::Ready(peer) = &conn.state
+                    && self.policy.announce(peer, &id)
+                    && self.policy.access(peer, &id) != Access::None
+                {
+                    self.to_sync.insert((*cid, id));
+                }
+            }
             return Ok(());
         }
         self.create_with_id(id)?;
@@ -998,8 +1008,15 @@ impl<S: Storage> Repo<S> {
         let exists = self.docs.exists(&doc)?;
         if !exists {
             // A storing peer accepts a new document from a writer; a request
-            // for something we do not have is answered at once.
+            // for something we do not have is answered at once, and the
+            // requester stays subscribed, so it gets the document as soon as
+            // another peer brings it.
             if is_request || access != Access::ReadWrite {
+                if !self.conns[&cid].docs.contains_key(&doc) {
+                    let sync = load_sync_state(&self.docs.storage, &doc, peer);
+                    let conn = self.conns.get_mut(&cid).expect("ready connection");
+                    conn.docs.insert(doc, PeerDoc::new(access, sync));
+                }
                 self.doc_unavailable(cid, peer, doc);
                 return Ok(());
             }

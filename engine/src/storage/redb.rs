@@ -25,13 +25,26 @@ impl RedbStorage {
                 StorageError::Backend(format!("cannot create directory {}: {e}", parent.display()))
             })?;
         }
+        if !path.exists() {
+            create_atomically(path)?;
+        }
         let db = Database::create(path).map_err(|e| {
             StorageError::Backend(format!("cannot open store {}: {e}", path.display()))
         })?;
         let storage = Self { db };
-        // Create the table up front so reads never meet a missing table.
-        storage.commit(&WriteBatch::new())?;
+        storage.ensure_table()?;
         Ok(storage)
+    }
+
+    /// Create the table on first open, so reads never meet a missing table.
+    /// An existing store is not written to (no fsync on open).
+    fn ensure_table(&self) -> Result<(), StorageError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        match txn.open_table(TABLE) {
+            Ok(_) => Ok(()),
+            Err(redb::TableError::TableDoesNotExist(_)) => self.commit(&WriteBatch::new()),
+            Err(e) => Err(backend(e)),
+        }
     }
 
     /// A database kept in memory (redb's own in-memory backend).
@@ -40,9 +53,50 @@ impl RedbStorage {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(backend)?;
         let storage = Self { db };
-        storage.commit(&WriteBatch::new())?;
+        storage.ensure_table()?;
         Ok(storage)
     }
+}
+
+/// Create a new store so that a crash at any instant leaves either no file or
+/// a complete, openable one. redb writes a new file's header before its magic
+/// number; a process killed in between would leave a file redb refuses to
+/// open ever after. So build it under a temporary name, make it durable, and
+/// rename it into place.
+fn create_atomically(path: &Path) -> Result<(), StorageError> {
+    let io = |what: &str, e: std::io::Error| {
+        StorageError::Backend(format!(
+            "cannot create store {}: {what}: {e}",
+            path.display()
+        ))
+    };
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".creating");
+    let tmp = path.with_file_name(tmp_name);
+    // Left over from a crash during an earlier creation: it never held data.
+    if tmp.exists() {
+        std::fs::remove_file(&tmp).map_err(|e| io("removing a half-created store", e))?;
+    }
+    {
+        let db = Database::create(&tmp).map_err(|e| {
+            StorageError::Backend(format!("cannot create store {}: {e}", tmp.display()))
+        })?;
+        let txn = db.begin_write().map_err(backend)?;
+        txn.open_table(TABLE).map_err(backend)?;
+        txn.commit().map_err(backend)?;
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("syncing", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("renaming into place", e))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing the directory", e))?;
+    Ok(())
 }
 
 fn backend(e: impl std::fmt::Display) -> StorageError {
