@@ -8,7 +8,6 @@
 //! commit order as long as it saves its cursor after processing.
 
 use automerge::ChangeHash;
-use ciborium::Value;
 
 use crate::error::StorageError;
 use crate::storage::{Storage, StorageKey, WriteBatch};
@@ -58,67 +57,60 @@ fn cursor_key(consumer: &str) -> Result<StorageKey, StorageError> {
     StorageKey::new(["~cursor", consumer])
 }
 
+/// Version byte of the feed entry encoding.
+const ENTRY_V1: u8 = 1;
+
 impl FeedEvent {
+    /// A compact fixed layout (this is written once per commit, on the hot
+    /// path): `[1][doc: 16][origin len: u16 BE][origin][head count: u16 BE][heads: 32 each]`,
+    /// origin length 0 meaning local.
     pub(crate) fn encode(&self) -> Vec<u8> {
         let origin = match &self.origin {
-            Origin::Local => Value::Null,
-            Origin::Remote(p) => Value::Text(p.to_string()),
+            Origin::Local => "",
+            Origin::Remote(p) => p.as_str(),
         };
-        let v = Value::Map(vec![
-            (
-                Value::Text("doc".into()),
-                Value::Bytes(self.document.as_bytes().to_vec()),
-            ),
-            (Value::Text("origin".into()), origin),
-            (
-                Value::Text("heads".into()),
-                Value::Array(
-                    self.heads
-                        .iter()
-                        .map(|h| Value::Bytes(h.0.to_vec()))
-                        .collect(),
-                ),
-            ),
-        ]);
-        let mut out = Vec::new();
-        ciborium::ser::into_writer(&v, &mut out).expect("writing CBOR to a Vec cannot fail");
+        let origin = &origin.as_bytes()[..origin.len().min(u16::MAX as usize)];
+        let heads = &self.heads[..self.heads.len().min(u16::MAX as usize)];
+        let mut out = Vec::with_capacity(1 + 16 + 2 + origin.len() + 2 + 32 * heads.len());
+        out.push(ENTRY_V1);
+        out.extend_from_slice(self.document.as_bytes());
+        out.extend_from_slice(&(origin.len() as u16).to_be_bytes());
+        out.extend_from_slice(origin);
+        out.extend_from_slice(&(heads.len() as u16).to_be_bytes());
+        for h in heads {
+            out.extend_from_slice(&h.0);
+        }
         out
     }
 
     pub(crate) fn decode(seq: u64, bytes: &[u8]) -> Result<Self, StorageError> {
         let corrupt = |what: &str| StorageError::Corrupt(format!("feed entry {seq}: {what}"));
-        let v: Value = ciborium::de::from_reader(bytes).map_err(|_| corrupt("not CBOR"))?;
-        let Value::Map(entries) = v else {
-            return Err(corrupt("not a map"));
-        };
-        let get = |k: &str| {
-            entries
-                .iter()
-                .find(|(key, _)| matches!(key, Value::Text(t) if t == k))
-                .map(|(_, v)| v)
-        };
-        let document = match get("doc") {
-            Some(Value::Bytes(b)) => {
-                DocumentId::try_from_slice(b).map_err(|_| corrupt("bad doc"))?
+        let mut rest = bytes;
+        let mut take = |n: usize| -> Result<&[u8], StorageError> {
+            if rest.len() < n {
+                return Err(corrupt("truncated"));
             }
-            _ => return Err(corrupt("no doc")),
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head)
         };
-        let origin = match get("origin") {
-            Some(Value::Text(t)) => Origin::Remote(PeerId::new(t.clone())),
-            _ => Origin::Local,
+        if take(1)? != [ENTRY_V1] {
+            return Err(corrupt("unknown encoding version"));
+        }
+        let document = DocumentId::try_from_slice(take(16)?).map_err(|_| corrupt("bad doc"))?;
+        let origin_len = u16::from_be_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+        let origin = match std::str::from_utf8(take(origin_len)?) {
+            Ok("") => Origin::Local,
+            Ok(peer) => Origin::Remote(PeerId::new(peer)),
+            Err(_) => return Err(corrupt("origin is not UTF-8")),
         };
-        let heads = match get("heads") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|h| match h {
-                    Value::Bytes(b) => {
-                        ChangeHash::try_from(b.as_slice()).map_err(|_| corrupt("bad head"))
-                    }
-                    _ => Err(corrupt("bad head")),
-                })
-                .collect::<Result<_, _>>()?,
-            _ => return Err(corrupt("no heads")),
-        };
+        let count = u16::from_be_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+        let heads = (0..count)
+            .map(|_| take(32).map(|h| ChangeHash(h.try_into().expect("32 bytes"))))
+            .collect::<Result<_, _>>()?;
+        if !rest.is_empty() {
+            return Err(corrupt("trailing bytes"));
+        }
         Ok(Self {
             seq,
             document,
@@ -206,5 +198,13 @@ mod tests {
         };
         assert_eq!(FeedEvent::decode(4, &e.encode()).unwrap(), e);
         assert!(FeedEvent::decode(4, b"junk").is_err());
+        let bytes = e.encode();
+        assert!(FeedEvent::decode(4, &bytes[..bytes.len() - 1]).is_err());
+        let local = FeedEvent {
+            origin: Origin::Local,
+            heads: vec![],
+            ..e
+        };
+        assert_eq!(FeedEvent::decode(4, &local.encode()).unwrap(), local);
     }
 }
