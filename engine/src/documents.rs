@@ -75,6 +75,11 @@ pub struct DocumentsConfig {
     pub max_loaded_documents: usize,
     /// Incremental bytes below which a document is never compacted.
     pub compaction_min_bytes: usize,
+    /// Compact once the incrementals exceed this many times the snapshot.
+    /// Incrementals are uncompressed change chunks while the snapshot is
+    /// compressed, so a ratio above 1 keeps compaction (a whole-document
+    /// save) rare, at the cost of loading more bytes.
+    pub compaction_ratio: usize,
 }
 
 impl Default for DocumentsConfig {
@@ -82,6 +87,7 @@ impl Default for DocumentsConfig {
         Self {
             max_loaded_documents: 1024,
             compaction_min_bytes: 64 * 1024,
+            compaction_ratio: 4,
         }
     }
 }
@@ -247,6 +253,7 @@ impl<S: Storage> Documents<S> {
     pub(crate) fn plan_saves(&mut self, batch: &mut WriteBatch) -> Vec<SavePlan> {
         let mut plans = Vec::new();
         let min = self.config.compaction_min_bytes;
+        let ratio = self.config.compaction_ratio.max(1);
         for (id, loaded) in self.loaded.iter_mut().filter(|(_, l)| l.dirty) {
             let chunk = loaded.doc.save_incremental();
             if chunk.is_empty() {
@@ -255,7 +262,7 @@ impl<S: Storage> Documents<S> {
             }
             let snapshot_bytes = loaded.snapshot.as_ref().map_or(0, |(_, n)| *n);
             let grown = loaded.incremental_bytes + chunk.len();
-            if grown > min.max(snapshot_bytes) {
+            if grown > min.max(snapshot_bytes.saturating_mul(ratio)) {
                 // Fold everything into one snapshot; drop the rest, atomically.
                 let bytes = loaded.doc.save();
                 let key = doc_key(id, "snapshot", heads_hash(&loaded.doc.get_heads()));

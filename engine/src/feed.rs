@@ -1,8 +1,9 @@
 //! The change feed: every commit, local or remote, as a durable event.
 //!
-//! Each commit appends an entry under `["~feed", seq]` in the same storage
-//! transaction as the changes themselves, so the feed and the documents can
-//! never disagree after a crash. Sequence numbers start at 1 and increase by
+//! Each flush appends its commits' entries as one block under
+//! `["~feed", last seq of the block]`, in the same storage transaction as the
+//! changes themselves, so the feed and the documents can never disagree after
+//! a crash, and a flush of a thousand commits writes one key, not a thousand. Sequence numbers start at 1 and increase by
 //! one per entry; a consumer keeps a [`Cursor`] (the last sequence it
 //! processed) and resumes after it, receiving each change exactly once in
 //! commit order as long as it saves its cursor after processing.
@@ -83,15 +84,15 @@ impl FeedEvent {
         out
     }
 
-    pub(crate) fn decode(seq: u64, bytes: &[u8]) -> Result<Self, StorageError> {
+    /// Decode one entry from the front of `bytes`, advancing past it.
+    pub(crate) fn decode_from(seq: u64, bytes: &mut &[u8]) -> Result<Self, StorageError> {
         let corrupt = |what: &str| StorageError::Corrupt(format!("feed entry {seq}: {what}"));
-        let mut rest = bytes;
         let mut take = |n: usize| -> Result<&[u8], StorageError> {
-            if rest.len() < n {
+            if bytes.len() < n {
                 return Err(corrupt("truncated"));
             }
-            let (head, tail) = rest.split_at(n);
-            rest = tail;
+            let (head, tail) = bytes.split_at(n);
+            *bytes = tail;
             Ok(head)
         };
         if take(1)? != [ENTRY_V1] {
@@ -108,9 +109,6 @@ impl FeedEvent {
         let heads = (0..count)
             .map(|_| take(32).map(|h| ChangeHash(h.try_into().expect("32 bytes"))))
             .collect::<Result<_, _>>()?;
-        if !rest.is_empty() {
-            return Err(corrupt("trailing bytes"));
-        }
         Ok(Self {
             seq,
             document,
@@ -118,6 +116,25 @@ impl FeedEvent {
             heads,
         })
     }
+}
+
+/// Decode a block of entries stored under the key of its last sequence number.
+pub(crate) fn decode_block(last: u64, mut bytes: &[u8]) -> Result<Vec<FeedEvent>, StorageError> {
+    let mut events = Vec::new();
+    while !bytes.is_empty() {
+        // Sequence numbers are assigned once the count is known.
+        events.push(FeedEvent::decode_from(0, &mut bytes)?);
+    }
+    let first = (last + 1)
+        .checked_sub(events.len() as u64)
+        .filter(|f| *f >= 1)
+        .ok_or_else(|| {
+            StorageError::Corrupt(format!("feed block {last} holds too many entries"))
+        })?;
+    for (i, e) in events.iter_mut().enumerate() {
+        e.seq = first + i as u64;
+    }
+    Ok(events)
 }
 
 /// Read access to a store's change feed.
@@ -135,24 +152,34 @@ impl<'a, S: Storage + ?Sized> ChangeFeed<'a, S> {
     /// Up to `limit` entries after `cursor`, in commit order.
     pub fn read(&self, cursor: Cursor, limit: usize) -> Result<Vec<FeedEvent>, StorageError> {
         let prefix = StorageKey::from_trusted(vec!["~feed".into()]);
-        let after = (cursor.0 > 0).then(|| feed_key(cursor.0));
-        self.storage
-            .scan(&prefix, after.as_ref(), limit)?
-            .into_iter()
-            .map(|(k, v)| {
-                let seq = k
-                    .parts()
-                    .get(1)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| StorageError::Corrupt(format!("bad feed key {k:?}")))?;
-                FeedEvent::decode(seq, &v)
-            })
-            .collect()
+        // Blocks are keyed by their last sequence: the first block with a key
+        // after the cursor holds the next entry.
+        let mut after = (cursor.0 > 0).then(|| feed_key(cursor.0));
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some((key, value)) = self.storage.scan(&prefix, after.as_ref(), 1)?.pop() else {
+                break;
+            };
+            let last = key
+                .parts()
+                .get(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| StorageError::Corrupt(format!("bad feed key {key:?}")))?;
+            let block = decode_block(last, &value)?;
+            out.extend(
+                block
+                    .into_iter()
+                    .filter(|e| e.seq > cursor.0)
+                    .take(limit - out.len()),
+            );
+            after = Some(key);
+        }
+        Ok(out)
     }
 
     /// The last sequence number written, or 0 for an empty feed.
     pub fn last_seq(&self) -> Result<u64, StorageError> {
-        read_u64(self.storage, &meta_key("feed-next")).map(|n| n.saturating_sub(1))
+        last_seq(self.storage)
     }
 
     /// The durable cursor saved by `consumer`, or `Cursor::START`.
@@ -165,6 +192,20 @@ impl<'a, S: Storage + ?Sized> ChangeFeed<'a, S> {
         let mut batch = WriteBatch::new();
         batch.put(cursor_key(consumer)?, cursor.0.to_be_bytes().to_vec());
         self.storage.commit(&batch)
+    }
+}
+
+/// The sequence number of the newest feed entry, 0 if there is none. Read
+/// from the entries themselves, so a flush writes no separate counter.
+pub(crate) fn last_seq(storage: &(impl Storage + ?Sized)) -> Result<u64, StorageError> {
+    let prefix = StorageKey::from_trusted(vec!["~feed".into()]);
+    match storage.last(&prefix)? {
+        None => Ok(0),
+        Some((k, _)) => k
+            .parts()
+            .get(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| StorageError::Corrupt(format!("bad feed key {k:?}"))),
     }
 }
 
@@ -196,15 +237,23 @@ mod tests {
             origin: Origin::Remote(PeerId::new("p")),
             heads: vec![ChangeHash([3; 32])],
         };
-        assert_eq!(FeedEvent::decode(4, &e.encode()).unwrap(), e);
-        assert!(FeedEvent::decode(4, b"junk").is_err());
-        let bytes = e.encode();
-        assert!(FeedEvent::decode(4, &bytes[..bytes.len() - 1]).is_err());
         let local = FeedEvent {
+            seq: 5,
             origin: Origin::Local,
             heads: vec![],
-            ..e
+            ..e.clone()
         };
-        assert_eq!(FeedEvent::decode(4, &local.encode()).unwrap(), local);
+        let mut block = e.encode();
+        block.extend(local.encode());
+        assert_eq!(decode_block(5, &block).unwrap(), vec![e, local]);
+        assert!(decode_block(5, b"junk").is_err());
+        assert!(
+            decode_block(5, &block[..block.len() - 1]).is_err(),
+            "truncated"
+        );
+        assert!(
+            decode_block(1, &block).is_err(),
+            "more entries than sequence numbers"
+        );
     }
 }

@@ -24,7 +24,7 @@ pub use self::connection::Direction;
 use self::connection::{ConnState, Connection, PeerDoc};
 use crate::documents::{Documents, DocumentsConfig, doc_prefix, panic_message};
 use crate::error::{DecodeError, RepoError, StorageError};
-use crate::feed::{ChangeFeed, FeedEvent, Origin, feed_key, meta_key, read_u64};
+use crate::feed::{ChangeFeed, FeedEvent, Origin, feed_key, last_seq, meta_key};
 use crate::policy::{Access, SharePolicy};
 use crate::protocol::{Message, PROTOCOL_VERSION, PeerMetadata, RemoteHeads};
 use crate::storage::{Storage, StorageKey, WriteBatch};
@@ -200,7 +200,6 @@ impl<S: Storage> std::fmt::Debug for Repo<S> {
 }
 
 const STORAGE_ID_KEY: &str = "storage-id";
-const FEED_NEXT_KEY: &str = "feed-next";
 
 impl<S: Storage> Repo<S> {
     /// Open a repo over `storage`. Reads two small metadata keys, whatever the
@@ -223,7 +222,7 @@ impl<S: Storage> Repo<S> {
                 id
             }
         };
-        let next_seq = read_u64(&storage, &meta_key(FEED_NEXT_KEY))?.max(1);
+        let next_seq = last_seq(&storage)? + 1;
         Ok(Self {
             docs: Documents::new(storage, config.documents.clone()),
             config,
@@ -506,6 +505,7 @@ impl<S: Storage> Repo<S> {
         let mut batch = WriteBatch::new();
         let plans = self.docs.plan_saves(&mut batch);
         let mut events = Vec::with_capacity(self.pending.len());
+        let mut block = Vec::new();
         for (i, p) in self.pending.drain(..).enumerate() {
             let event = FeedEvent {
                 seq: self.next_seq + i as u64,
@@ -513,12 +513,11 @@ impl<S: Storage> Repo<S> {
                 origin: p.origin,
                 heads: p.heads,
             };
-            batch.put(feed_key(event.seq), event.encode());
+            block.extend(event.encode());
             events.push(event);
         }
-        if !events.is_empty() {
-            let next = self.next_seq + events.len() as u64;
-            batch.put(meta_key(FEED_NEXT_KEY), next.to_be_bytes().to_vec());
+        if let Some(last) = events.last() {
+            batch.put(feed_key(last.seq), block);
         }
         let mut persisted_sync = Vec::new();
         for (cid, doc) in std::mem::take(&mut self.sync_state_dirty) {

@@ -9,7 +9,7 @@
 //! | `[doc, "snapshot", headsHash]` | a whole saved document |
 //! | `[doc, "incremental", contentHash]` | changes saved since the snapshot |
 //! | `[doc, "sync-state", storageId]` | the encoded sync state with that peer's store |
-//! | `["~feed", seq]` | one change-feed entry (seq zero-padded, so keys sort) |
+//! | `["~feed", seq]` | the change-feed entries of one flush, ending at `seq` (zero-padded, so keys sort) |
 //! | `["~meta", name]` | store metadata (storage id, next feed sequence) |
 //! | `["~cursor", consumer]` | a feed consumer's durable cursor |
 //!
@@ -159,6 +159,12 @@ pub trait Storage: Send + Sync {
 
     /// Apply a batch atomically and durably.
     fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError>;
+
+    /// The entry with the greatest key under `prefix`. The default scans the
+    /// whole prefix; backends override it with a reverse lookup.
+    fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
+        Ok(self.scan(prefix, None, usize::MAX)?.pop())
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for Box<T> {
@@ -176,6 +182,9 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
         (**self).commit(batch)
     }
+    fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
+        (**self).last(prefix)
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
@@ -192,6 +201,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
         (**self).commit(batch)
+    }
+    fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
+        (**self).last(prefix)
     }
 }
 
@@ -272,6 +284,12 @@ pub(crate) mod contract {
         assert_eq!(storage.get(&key(&["a", "incremental", "x"])).unwrap(), None);
         assert_eq!(storage.get(&key(&["b"])).unwrap(), Some(b"b2".to_vec()));
         assert_eq!(storage.scan(&key(&[]), None, usize::MAX).unwrap().len(), 4);
+
+        // The last entry under a prefix, by whole components.
+        let last = storage.last(&key(&["a"])).unwrap().unwrap();
+        assert_eq!(last.0, key(&["a", "snapshot", "1"]));
+        assert_eq!(storage.last(&key(&["zzz"])).unwrap(), None);
+        assert_eq!(storage.last(&key(&[])).unwrap().unwrap().0, key(&["b"]));
     }
 
     #[test]

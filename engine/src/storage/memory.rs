@@ -50,6 +50,15 @@ impl Storage for MemoryStorage {
             .collect())
     }
 
+    fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
+        let map = self.lock();
+        Ok(map
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .last()
+            .map(|(k, v)| (k.clone(), v.clone())))
+    }
+
     fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
         let mut map = self.lock();
         for write in batch.writes() {

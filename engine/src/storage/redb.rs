@@ -137,6 +137,22 @@ impl Storage for RedbStorage {
         Ok(out)
     }
 
+    fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
+        let (start, _, end) = prefix_range(prefix, None);
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(TABLE).map_err(backend)?;
+        let mut range = table
+            .range::<&[u8]>(start.as_slice()..end.as_slice())
+            .map_err(backend)?;
+        match range.next_back() {
+            None => Ok(None),
+            Some(entry) => {
+                let (k, v) = entry.map_err(backend)?;
+                Ok(Some((StorageKey::decode(k.value())?, v.value().to_vec())))
+            }
+        }
+    }
+
     fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
         let txn = self.db.begin_write().map_err(backend)?;
         {
