@@ -1,3 +1,4 @@
 //! Shared helpers for the workspace tests.
 
+pub mod crash;
 pub mod sim;

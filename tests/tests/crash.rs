@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tandem_tests::crash::pad;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -53,16 +54,6 @@ fn parse_ack(line: &str) -> Ack {
         value: fields[3].parse().expect("value"),
         pad: fields[4].parse().expect("pad length"),
     }
-}
-
-/// The child's padding string; must match `pad` in `crash_child.rs`.
-fn pad(value: u64, len: usize) -> String {
-    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    (0..len)
-        .map(|i| {
-            alphabet[(value as usize).wrapping_mul(7).wrapping_add(i) % alphabet.len()] as char
-        })
-        .collect()
 }
 
 /// What the reader thread has seen on the child's stdout.

@@ -23,6 +23,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
+use tandem_tests::crash::pad;
 
 use tandem_engine::automerge::transaction::Transactable;
 use tandem_engine::automerge::{ROOT, ScalarValue};
@@ -38,17 +39,6 @@ const COMPACTION_MIN_BYTES: usize = 4096;
 /// The fixed id of document `i`, the same in every run.
 fn document(i: u8) -> DocumentId {
     DocumentId::from_bytes([i + 1; 16])
-}
-
-/// The padding string stored under `"{key}-pad"`: `len` bytes derived from
-/// the key's value, so a wrong or truncated value is detected.
-fn pad(value: u64, len: usize) -> String {
-    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    (0..len)
-        .map(|i| {
-            alphabet[(value as usize).wrapping_mul(7).wrapping_add(i) % alphabet.len()] as char
-        })
-        .collect()
 }
 
 /// splitmix64: enough randomness for choosing documents and sizes, without
