@@ -152,12 +152,16 @@ fn open_large_store(c: &mut Criterion) {
 }
 
 fn load_trace() -> Vec<(usize, usize, String)> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/data/automerge-perf-edits.json"
-    );
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("editing trace missing at {path}: {e}"));
+    // The shared data folder sits next to the repository; TANDEM_EDIT_TRACE overrides.
+    let path = std::env::var("TANDEM_EDIT_TRACE").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/data/automerge-perf-edits.json"
+        )
+        .into()
+    });
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("editing trace missing at {path} (set TANDEM_EDIT_TRACE): {e}"));
     let raw: Vec<Vec<serde_json::Value>> = serde_json::from_str(&text).unwrap();
     raw.into_iter()
         .map(|e| {

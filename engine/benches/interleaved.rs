@@ -33,7 +33,7 @@ fn compare(name: &str, per_round: usize, mut floor: impl FnMut(), mut ours: impl
     let (mut f, mut o) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         // Alternate which goes first, too.
-        let mut time = |g: &mut dyn FnMut()| {
+        let time = |g: &mut dyn FnMut()| {
             let t = Instant::now();
             g();
             t.elapsed()
