@@ -24,6 +24,14 @@ pub trait SharePolicy: Send {
     /// announce their documents to a server; a server announces nothing and
     /// serves what it is asked for).
     fn announce(&self, peer: &PeerInfo, document: &DocumentId) -> bool;
+
+    /// Whether [`announce`](Self::announce) can ever return true. A policy
+    /// that never announces (a server's) says so, and the repo then does not
+    /// keep the set of documents touched this session, which would otherwise
+    /// grow with every document a long-running server sees.
+    fn may_announce(&self) -> bool {
+        true
+    }
 }
 
 /// A client's policy: share everything with every peer, announce it too.
@@ -50,6 +58,9 @@ impl SharePolicy for ServeOnRequest {
         Access::ReadWrite
     }
     fn announce(&self, _: &PeerInfo, _: &DocumentId) -> bool {
+        false
+    }
+    fn may_announce(&self) -> bool {
         false
     }
 }

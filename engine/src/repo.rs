@@ -348,7 +348,7 @@ impl<S: Storage> Repo<S> {
     /// pinned so eviction does not forget it before then.
     fn insert_empty(&mut self, id: DocumentId) {
         self.docs.insert_new(id, AutoCommit::new());
-        self.active.insert(id);
+        self.touch(id);
     }
 
     /// Edit a document. `f` runs against the document; its operations are
@@ -416,7 +416,7 @@ impl<S: Storage> Repo<S> {
     pub fn request(&mut self, id: DocumentId) -> Result<(), RepoError> {
         if self.docs.exists(&id)? {
             // Open it: sync with every connected peer the policy offers it to.
-            self.active.insert(id);
+            self.touch(id);
             for (cid, conn) in &self.conns {
                 if let ConnState::Ready(peer) = &conn.state
                     && self.policy.announce(peer, &id)
@@ -437,6 +437,14 @@ impl<S: Storage> Repo<S> {
             }
         }
         Ok(())
+    }
+
+    /// Remember a document touched this session, to offer it to peers that
+    /// connect later (only if the policy ever announces anything).
+    fn touch(&mut self, id: DocumentId) {
+        if self.policy.may_announce() {
+            self.active.insert(id);
+        }
     }
 
     fn quarantine(&mut self, id: DocumentId, reason: String) -> RepoError {
@@ -466,7 +474,7 @@ impl<S: Storage> Repo<S> {
         heads: Vec<ChangeHash>,
         from: Option<ConnectionId>,
     ) {
-        self.active.insert(id);
+        self.touch(id);
         self.wanted.remove(&id);
         self.pending.push(PendingCommit {
             document: id,
@@ -881,10 +889,12 @@ impl<S: Storage> Repo<S> {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.state = ConnState::Ready(info.clone());
         }
-        for doc in &self.active {
-            if (self.policy.announce(&info, doc) || self.wanted.contains(doc))
-                && self.policy.access(&info, doc) != Access::None
-            {
+        let offered = self
+            .active
+            .iter()
+            .filter(|d| self.policy.announce(&info, d));
+        for doc in offered.chain(self.wanted.iter()) {
+            if self.policy.access(&info, doc) != Access::None {
                 self.to_sync.insert((id, *doc));
             }
         }
