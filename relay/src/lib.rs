@@ -18,8 +18,37 @@
 //! it is disconnected (it resyncs from its persisted sync state when it
 //! returns) rather than stalling others or growing memory.
 //!
+//! ## Authentication
+//!
+//! With [`Auth::tokens`] in [`RelayConfig::auth`], every WebSocket upgrade
+//! must present a signed token ([`auth`]: HMAC-SHA256 over JSON claims naming
+//! documents, read or read-write, and an expiry) as `?token=` in the URL or
+//! as `Authorization: Bearer`. Missing, malformed, tampered or expired tokens
+//! get HTTP 401 and no WebSocket. The repo is opened with [`Auth::policy`]
+//! (a [`GrantPolicy`]), which answers the engine's share questions from the
+//! grants of each connection, so a peer is told `doc-unavailable` for any
+//! document outside its grant and never receives it; a read-only peer's
+//! changes are not applied (the relay's sync messages carry automerge's
+//! READ_ONLY flag, so automerge 0.12 peers do not even send them; refusals are
+//! logged at warn and counted in [`RelayStats`]). The connection is closed
+//! (WebSocket close 1008, "token expired") when its token expires.
+//!
+//! ```no_run
+//! # async fn run(storage: tandem_engine::RedbStorage) -> Result<(), Box<dyn std::error::Error>> {
+//! use tandem_engine::{PeerId, Repo, RepoConfig};
+//! use tandem_relay::{Auth, RelayConfig, serve};
+//!
+//! let config = RelayConfig { auth: Auth::tokens(b"relay secret".to_vec()), ..RelayConfig::default() };
+//! let repo = Repo::open(storage, RepoConfig::new(PeerId::random("relay")), config.auth.policy())?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3030").await?;
+//! serve(listener, repo, config, std::future::pending()).await;
+//! # Ok(()) }
+//! ```
+//!
 //! [`Repo`]: tandem_engine::Repo
 
+pub mod auth;
 mod server;
 
-pub use server::{RelayConfig, serve};
+pub use auth::{AuthError, Claims, Grant, Scope, mint, verify};
+pub use server::{Auth, GrantPolicy, RelayConfig, RelayStats, TokenAuth, serve};

@@ -1,0 +1,268 @@
+//! `tandem`: run a relay, look inside a store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use tandem_engine::automerge::ReadDoc;
+use tandem_engine::{DocumentId, PeerId, RedbStorage, Repo, RepoConfig, ServeOnRequest};
+use tandem_relay::{Auth, Claims, Grant, RelayConfig, mint, serve};
+use tokio::net::TcpListener;
+
+/// Tandem: a collaborative state engine. `tandem serve` runs a relay that
+/// automerge-repo clients (JS, samod, Tandem) connect to.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay: a storing automerge-repo sync server over WebSocket.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:3030")]
+        listen: SocketAddr,
+        /// Directory of the store (created if missing).
+        #[arg(long, env = "TANDEM_DATA", default_value = "tandem-data")]
+        data: PathBuf,
+        /// Largest message accepted, in bytes.
+        #[arg(long, env = "TANDEM_MAX_MESSAGE_SIZE", default_value_t = 16 << 20)]
+        max_message_size: usize,
+        /// Frames queued per connection before it is dropped as a slow reader.
+        #[arg(long, env = "TANDEM_OUTBOUND_QUEUE", default_value_t = 1024)]
+        outbound_queue: usize,
+        /// Connections served at once.
+        #[arg(long, env = "TANDEM_MAX_CONNECTIONS", default_value_t = 10_000)]
+        max_connections: usize,
+        /// Secret that signs access tokens (see `tandem token`); clients then
+        /// need a valid token.
+        #[arg(long, env = "TANDEM_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// Let anyone connect without a token, with read-write access to every
+        /// document. Meant for local development.
+        #[arg(long, env = "TANDEM_ALLOW_ANONYMOUS", conflicts_with = "secret")]
+        allow_anonymous: bool,
+    },
+    /// Mint an access token signed with the relay's secret.
+    Token {
+        /// The relay's secret (the same as `tandem serve --secret`).
+        #[arg(long, env = "TANDEM_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Documents the token may read and write: a document id, an
+        /// `automerge:` URL, or `*` for every document. Repeatable.
+        #[arg(long = "write", value_name = "DOC")]
+        write: Vec<String>,
+        /// Documents the token may only read. Repeatable.
+        #[arg(long = "read", value_name = "DOC")]
+        read: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 24 * 3600)]
+        ttl: u64,
+        /// Who the token is for (shown in the relay's logs).
+        #[arg(long)]
+        subject: Option<String>,
+    },
+    /// List the documents of a store with their heads and stored size.
+    Inspect {
+        /// Directory of the store.
+        #[arg(long, env = "TANDEM_DATA", default_value = "tandem-data")]
+        data: PathBuf,
+        /// Also print each document's root keys.
+        #[arg(long)]
+        keys: bool,
+    },
+}
+
+fn store_path(data: &std::path::Path) -> PathBuf {
+    data.join("store.redb")
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve {
+            listen,
+            data,
+            max_message_size,
+            outbound_queue,
+            max_connections,
+            secret,
+            allow_anonymous,
+        } => {
+            let auth = match (secret, allow_anonymous) {
+                (Some(secret), _) if secret.len() < 16 => {
+                    bail!(
+                        "the secret is too short: use at least 16 characters (e.g. `openssl rand -hex 32`)"
+                    )
+                }
+                (Some(secret), _) => Auth::tokens(secret.into_bytes()),
+                (None, true) => Auth::Anonymous,
+                (None, false) => bail!(
+                    "no authentication configured: pass --secret <SECRET> (clients then need a token from `tandem token`) \
+                     or --allow-anonymous to let anyone read and write every document"
+                ),
+            };
+            let path = store_path(&data);
+            let storage = RedbStorage::open(&path).with_context(|| {
+                format!(
+                    "cannot open the store at {} (is another relay using it? pass --data to choose another directory)",
+                    path.display()
+                )
+            })?;
+            let repo = Repo::open(
+                storage,
+                RepoConfig::new(PeerId::random("tandem-relay")),
+                auth.policy(),
+            )?;
+            let anonymous = matches!(auth, Auth::Anonymous);
+            if anonymous && !listen.ip().is_loopback() {
+                tracing::warn!(%listen, "serving without authentication on a non-loopback address: anyone who can reach it can read and write any document");
+            }
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} (in use? pass --listen)"))?;
+            let addr = listener.local_addr()?;
+            println!(
+                "tandem relay listening on ws://{addr} (store {})",
+                path.display()
+            );
+            let config = RelayConfig {
+                max_message_size,
+                outbound_queue,
+                max_connections,
+                auth,
+                ..RelayConfig::default()
+            };
+            let mut repo = serve(listener, repo, config, shutdown_signal()).await;
+            repo.flush()?;
+            tracing::info!("relay stopped; everything acknowledged is stored");
+            Ok(())
+        }
+        Command::Token {
+            secret,
+            write,
+            read,
+            ttl,
+            subject,
+        } => {
+            if write.is_empty() && read.is_empty() {
+                bail!(
+                    "a token must grant something: pass --write <DOC> or --read <DOC> (`*` for every document)"
+                );
+            }
+            let grant = |doc: &str, writable: bool| -> Result<Grant> {
+                Ok(match (doc, writable) {
+                    ("*", true) => Grant::read_write_all(),
+                    ("*", false) => Grant::read_all(),
+                    (id, w) => {
+                        let id: DocumentId = match id.parse::<tandem_engine::AutomergeUrl>() {
+                            Ok(url) => url.document,
+                            Err(_) => id.parse().with_context(|| {
+                                format!("{id:?} is not a document id, an automerge: URL or `*`")
+                            })?,
+                        };
+                        if w {
+                            Grant::read_write(id)
+                        } else {
+                            Grant::read(id)
+                        }
+                    }
+                })
+            };
+            let mut docs = Vec::new();
+            for d in &write {
+                docs.push(grant(d, true)?);
+            }
+            for d in &read {
+                docs.push(grant(d, false)?);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let claims = Claims {
+                docs,
+                exp: now + ttl,
+                sub: subject,
+            };
+            println!("{}", mint(secret.as_bytes(), &claims));
+            Ok(())
+        }
+        Command::Inspect { data, keys } => {
+            let path = store_path(&data);
+            if !path.exists() {
+                bail!("no store at {} (pass --data)", path.display());
+            }
+            let mut repo = Repo::open(
+                RedbStorage::open(&path)?,
+                RepoConfig::new(PeerId::new("tandem-inspect")),
+                ServeOnRequest,
+            )?;
+            let ids = repo.document_ids()?;
+            println!(
+                "store {} ({}), {} documents",
+                path.display(),
+                repo.storage_id(),
+                ids.len()
+            );
+            for id in ids {
+                match repo.view(&id, |d| {
+                    (
+                        d.get_heads(),
+                        d.save().len(),
+                        d.keys(tandem_engine::automerge::ROOT).collect::<Vec<_>>(),
+                    )
+                }) {
+                    Ok((heads, size, root_keys)) => {
+                        let heads: Vec<String> = heads
+                            .iter()
+                            .map(|h| h.to_string()[..12].to_owned())
+                            .collect();
+                        println!("{}  {size:>9} bytes  heads {}", id.url(), heads.join(","));
+                        if keys {
+                            println!("    keys: {}", root_keys.join(", "));
+                        }
+                    }
+                    Err(e) => println!("{}  error: {e}", id.url()),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("cannot install the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down: closing connections and flushing");
+}

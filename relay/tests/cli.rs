@@ -1,0 +1,153 @@
+//! The `tandem` binary as an operator runs it: start, serve a client, stop on
+//! SIGTERM with exit 0, survive SIGKILL without losing an acknowledged change,
+//! refuse to start without an explicit auth choice, and mint working tokens.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Client, acked, value};
+use tandem_engine::automerge::{ROOT, transaction::Transactable};
+
+/// Start `tandem serve` on a free port; returns the child and its URL.
+fn start(data: &std::path::Path, auth: &[&str]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .args(auth)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start tandem");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("ws://"))
+        .unwrap_or_else(|| panic!("no URL in the banner {line:?}"))
+        .to_owned();
+    (child, url)
+}
+
+fn tandem(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_acknowledged_change_survives_sigkill_and_sigterm_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let anon = ["--allow-anonymous"];
+    let (mut relay, url) = start(dir.path(), &anon);
+
+    let mut writer = Client::connect(url.as_str(), "writer").await;
+    let doc = writer.repo.create().unwrap();
+    writer.repo.change(&doc, |d| d.put(ROOT, "n", 42)).unwrap();
+    writer
+        .until("the relay's acknowledgement", |r| acked(r, &doc))
+        .await;
+
+    // Killed right after acknowledging: the change must be on disk.
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+    let (mut relay, url) = start(dir.path(), &anon);
+    let mut reader = Client::connect(url.as_str(), "reader").await;
+    reader.repo.request(doc).unwrap();
+    reader
+        .until("the change after the restart", |r| {
+            value(r, &doc) == Some(42)
+        })
+        .await;
+
+    // SIGTERM: stop accepting, flush, exit 0.
+    let status = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = relay.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "relay did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(code.success(), "exit status {code:?}");
+
+    // And `tandem inspect` lists the document.
+    let data = dir.path().to_str().unwrap();
+    let out = tandem(&["inspect", "--data", data]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(&doc.to_string()),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn tokens_minted_by_the_cli_open_the_relay_and_nothing_else_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "a-test-secret-of-enough-length";
+    let (mut relay, url) = start(dir.path(), &["--secret", secret]);
+
+    let token = tandem(&["token", "--secret", secret, "--write", "*", "--ttl", "60"]);
+    assert!(token.status.success(), "{token:?}");
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+
+    let refused = tokio_tungstenite::connect_async(url.as_str()).await;
+    let err = refused.expect_err("a connection without a token was accepted");
+    assert!(err.to_string().contains("401"), "{err}");
+
+    let mut client = Client::connect(format!("{url}/?token={token}"), "holder").await;
+    let doc = client.repo.create().unwrap();
+    client.repo.change(&doc, |d| d.put(ROOT, "n", 1)).unwrap();
+    client
+        .until("the relay to store it", |r| acked(r, &doc))
+        .await;
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+}
+
+#[test]
+fn errors_name_the_problem_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let cases: [(&[&str], &[&str]); 4] = [
+        (
+            &["inspect", "--data", "/nonexistent/tandem"],
+            &["no store at", "--data"],
+        ),
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--data", data],
+            &["--secret", "--allow-anonymous"],
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                data,
+                "--secret",
+                "short",
+            ],
+            &["too short"],
+        ),
+        (&["token", "--secret", "x"], &["--write", "--read"]),
+    ];
+    for (args, words) in cases {
+        let out = tandem(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for w in words {
+            assert!(err.contains(w), "{args:?}: {err:?} lacks {w:?}");
+        }
+    }
+}
