@@ -118,7 +118,7 @@ async fn run() -> Result<()> {
                 (Some(secret), _) => Auth::tokens(secret.into_bytes()),
                 (None, true) => Auth::Anonymous,
                 (None, false) => bail!(
-                    "no authentication configured: pass --secret <SECRET> (clients then need a token from `tandem token`) \
+                    "no authentication configured for {listen}: pass --secret <SECRET> (clients then need a token from `tandem token`) \
                      or --allow-anonymous to let anyone read and write every document"
                 ),
             };
