@@ -48,7 +48,9 @@
 //! [`Repo`]: tandem_engine::Repo
 
 pub mod auth;
+mod grants;
 mod server;
 
 pub use auth::{AuthError, Claims, Grant, Scope, mint, verify};
-pub use server::{Auth, GrantPolicy, RelayConfig, RelayStats, TokenAuth, serve};
+pub use grants::{Auth, GrantPolicy, TokenAuth};
+pub use server::{RelayConfig, RelayStats, serve};

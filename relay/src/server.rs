@@ -1,17 +1,15 @@
 //! The relay server: accept WebSocket connections and drive the repo.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
-use tandem_engine::{
-    Access, ConnectionId, Direction, DocumentId, Event, Output, PeerInfo, Repo, SharePolicy,
-    Storage,
-};
+use governor::clock::Clock;
+use tandem_engine::{ConnectionId, Direction, DocumentId, Event, Output, Repo, Storage};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -23,7 +21,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::auth::{AuthError, Claims, verify};
+use crate::auth::{AuthError, Claims};
+use crate::grants::{Auth, GrantTable, authenticate};
 
 /// Limits, authentication and counters of the relay.
 #[derive(Clone, Debug)]
@@ -45,6 +44,15 @@ pub struct RelayConfig {
     pub handshake_timeout: Duration,
     /// Counters of what the relay refused (shared: read them while it runs).
     pub stats: Arc<RelayStats>,
+    /// How often the relay pings each connection.
+    pub ping_interval: Duration,
+    /// A connection from which nothing (not even a pong) arrives for this
+    /// long is closed; the client resyncs when it returns.
+    pub idle_timeout: Duration,
+    /// Frames per second read from one connection at most (the burst may be
+    /// as large). Beyond it the relay stops reading that socket for a while,
+    /// so TCP pushes back on the sender; nothing is dropped.
+    pub max_frames_per_second: u32,
 }
 
 impl Default for RelayConfig {
@@ -57,126 +65,10 @@ impl Default for RelayConfig {
             auth: Auth::Anonymous,
             handshake_timeout: Duration::from_secs(10),
             stats: Arc::default(),
+            ping_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+            max_frames_per_second: 2_000,
         }
-    }
-}
-
-/// How the relay authenticates connections.
-///
-/// With [`Auth::Tokens`], every WebSocket upgrade must carry a token (see
-/// [`crate::auth`]) as `?token=` in the URL or as `Authorization: Bearer`;
-/// a missing, tampered or expired one is answered with HTTP 401 and no
-/// WebSocket. A connection sees only the documents its token grants: any
-/// other is `doc-unavailable` to it, whether it exists or not, and changes it
-/// sends to a document it may only read are not applied. The connection is
-/// closed (code 1008, "token expired") when the token expires.
-///
-/// The repo given to [`serve`] must have been opened with [`Auth::policy`]
-/// of this same value (or a clone of it): that policy reads the grants of
-/// each connection, which the relay records as connections open.
-#[derive(Clone, Default)]
-pub enum Auth {
-    /// No authentication: anyone may read and write any document they name
-    /// (the repo may be opened with [`Auth::policy`] or with
-    /// [`tandem_engine::ServeOnRequest`], which behave alike).
-    #[default]
-    Anonymous,
-    /// Signed tokens required; make it with [`Auth::tokens`].
-    Tokens(TokenAuth),
-}
-
-/// The state of [`Auth::Tokens`]: the secret and the grants of the open
-/// connections.
-#[derive(Clone)]
-pub struct TokenAuth {
-    secret: Arc<[u8]>,
-    table: Arc<GrantTable>,
-}
-
-#[derive(Default)]
-struct GrantTable {
-    claims: Mutex<HashMap<ConnectionId, Claims>>,
-    /// How many policies were made from this table (a sanity check in `serve`).
-    policies: AtomicUsize,
-}
-
-impl GrantTable {
-    fn lock(&self) -> MutexGuard<'_, HashMap<ConnectionId, Claims>> {
-        self.claims.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Auth {
-    /// Require tokens signed with `secret` (the same bytes given to
-    /// [`crate::auth::mint`]).
-    pub fn tokens(secret: impl Into<Vec<u8>>) -> Self {
-        Auth::Tokens(TokenAuth {
-            secret: secret.into().into(),
-            table: Arc::default(),
-        })
-    }
-
-    /// The share policy to open the relay's repo with.
-    pub fn policy(&self) -> GrantPolicy {
-        match self {
-            Auth::Anonymous => GrantPolicy { table: None },
-            Auth::Tokens(t) => {
-                t.table.policies.fetch_add(1, Ordering::Relaxed);
-                GrantPolicy {
-                    table: Some(t.table.clone()),
-                }
-            }
-        }
-    }
-}
-
-impl fmt::Debug for Auth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Auth::Anonymous => f.write_str("Anonymous"),
-            Auth::Tokens(t) => t.fmt(f),
-        }
-    }
-}
-
-impl fmt::Debug for TokenAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tokens")
-            .field("secret", &"<redacted>")
-            .field("connections", &self.table.lock().len())
-            .finish()
-    }
-}
-
-/// The relay's share policy: with tokens, what the connection's token
-/// grants ([`Claims::access`]), nothing for a connection without one; without
-/// tokens, read-write for everyone. It announces nothing (a peer gets what it
-/// asks for), like [`tandem_engine::ServeOnRequest`].
-pub struct GrantPolicy {
-    table: Option<Arc<GrantTable>>,
-}
-
-impl fmt::Debug for GrantPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GrantPolicy")
-            .field("tokens", &self.table.is_some())
-            .finish()
-    }
-}
-
-impl SharePolicy for GrantPolicy {
-    fn access(&self, peer: &PeerInfo, document: &DocumentId) -> Access {
-        match &self.table {
-            None => Access::ReadWrite,
-            Some(table) => table
-                .lock()
-                .get(&peer.connection)
-                .map_or(Access::None, |c| c.access(document)),
-        }
-    }
-
-    fn announce(&self, _: &PeerInfo, _: &DocumentId) -> bool {
-        false
     }
 }
 
@@ -186,6 +78,9 @@ pub struct RelayStats {
     unauthorized: AtomicU64,
     writes_denied: AtomicU64,
     expired: AtomicU64,
+    throttled: AtomicU64,
+    idle_closed: AtomicU64,
+    slow_readers: AtomicU64,
 }
 
 impl RelayStats {
@@ -203,6 +98,22 @@ impl RelayStats {
     /// Connections closed because their token expired.
     pub fn expired(&self) -> u64 {
         self.expired.load(Ordering::Relaxed)
+    }
+
+    /// Times a connection sent faster than `max_frames_per_second` and its
+    /// reading was paused.
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed because nothing arrived within `idle_timeout`.
+    pub fn idle_closed(&self) -> u64 {
+        self.idle_closed.load(Ordering::Relaxed)
+    }
+
+    /// Connections dropped because their outbound queue was full.
+    pub fn slow_readers(&self) -> u64 {
+        self.slow_readers.load(Ordering::Relaxed)
     }
 }
 
@@ -232,50 +143,6 @@ fn now_ms() -> u64 {
 
 fn now_secs() -> u64 {
     now_ms() / 1000
-}
-
-/// The token presented with an upgrade request: `Authorization: Bearer`
-/// first, else the `token` query parameter.
-fn presented_token(request: &Request) -> Option<String> {
-    if let Some(value) = request.headers().get(header::AUTHORIZATION)
-        && let Ok(value) = value.to_str()
-        && let Some((scheme, token)) = value.trim().split_once(' ')
-        && scheme.eq_ignore_ascii_case("bearer")
-    {
-        return Some(token.trim().to_owned());
-    }
-    request
-        .uri()
-        .query()?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("token="))
-        .map(percent_decode)
-}
-
-/// Decode `%XX` escapes (tokens are URL-safe, but a client may escape anyway).
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = text.get(i + 1..i + 3)
-            && let Ok(b) = u8::from_str_radix(hex, 16)
-        {
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Check the upgrade request's token.
-fn authenticate(auth: &TokenAuth, request: &Request) -> Result<Claims, AuthError> {
-    let token = presented_token(request).ok_or(AuthError::Missing)?;
-    verify(&auth.secret, &token, now_secs())
 }
 
 fn unauthorized(error: &AuthError) -> ErrorResponse {
@@ -388,7 +255,7 @@ async fn upgrade(
         let Auth::Tokens(auth) = &config.auth else {
             return Ok(response);
         };
-        match authenticate(auth, request) {
+        match authenticate(auth, request, now_secs()) {
             Ok(c) => {
                 tracing::debug!(%id, sub = ?c.sub, exp = c.exp, "token accepted");
                 claims = Some(c);
@@ -448,28 +315,54 @@ async fn connection(
         }
     };
     tokio::pin!(expiry);
+    let limiter = governor::RateLimiter::direct(governor::Quota::per_second(
+        NonZeroU32::new(config.max_frames_per_second.max(1)).expect("at least 1"),
+    ));
+    // While set, the socket is not read: TCP pushes back on a fast sender.
+    let mut throttled_until: Option<Instant> = None;
+    let mut last_heard = Instant::now();
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     loop {
+        let idle_at = last_heard + config.idle_timeout;
+        let resume_at = throttled_until.unwrap_or(idle_at);
         tokio::select! {
-            incoming = ws.next() => match incoming {
-                Some(Ok(WsMessage::Binary(bytes))) => {
-                    if tx.send(Input::Frame { id, bytes: bytes.to_vec() }).await.is_err() {
-                        break;
-                    }
-                }
-                // Text is not part of the protocol: hand it over as it is, the
-                // repo answers with an error frame and a close.
-                Some(Ok(WsMessage::Text(text))) => {
-                    if tx.send(Input::Frame { id, bytes: text.as_bytes().to_vec() }).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(WsMessage::Close(_))) | None => break,
-                Some(Ok(_)) => {} // ping/pong are answered by tungstenite
-                Some(Err(e)) => {
-                    tracing::debug!(%id, error = %e, "websocket read failed");
+            () = tokio::time::sleep_until(resume_at), if throttled_until.is_some() => {
+                throttled_until = None;
+            }
+            () = tokio::time::sleep_until(idle_at) => {
+                tracing::info!(%id, "idle timeout: nothing heard, closing");
+                config.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            _ = ping.tick() => {
+                if ws.send(WsMessage::Ping(Default::default())).await.is_err() {
                     break;
                 }
-            },
+            }
+            incoming = ws.next(), if throttled_until.is_none() => {
+                last_heard = Instant::now();
+                let bytes = match incoming {
+                    Some(Ok(WsMessage::Binary(bytes))) => bytes.to_vec(),
+                    // Text is not part of the protocol: hand it over as it is,
+                    // the repo answers with an error frame and a close.
+                    Some(Ok(WsMessage::Text(text))) => text.as_bytes().to_vec(),
+                    Some(Ok(WsMessage::Close(_))) | None => break,
+                    Some(Ok(_)) => continue, // ping/pong: tungstenite answers pings
+                    Some(Err(e)) => {
+                        tracing::debug!(%id, error = %e, "websocket read failed");
+                        break;
+                    }
+                };
+                if tx.send(Input::Frame { id, bytes }).await.is_err() {
+                    break;
+                }
+                if let Err(not_until) = limiter.check() {
+                    let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                    throttled_until = Some(Instant::now() + wait);
+                    config.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             outgoing = out.recv() => match outgoing {
                 Some(msg) => {
                     let closing = matches!(msg, WsMessage::Close(_));
@@ -598,6 +491,7 @@ fn route<S: Storage>(repo: &mut Repo<S>, ctx: &mut Ctx) {
                 };
                 if conn.out.try_send(WsMessage::Binary(frame.into())).is_err() {
                     tracing::warn!(%connection, "slow reader: outbound queue full, disconnecting");
+                    ctx.stats.slow_readers.fetch_add(1, Ordering::Relaxed);
                     conn.task.abort();
                     repo.disconnect(connection);
                     ctx.forget(connection);

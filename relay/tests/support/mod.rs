@@ -32,6 +32,24 @@ pub const CONN: ConnectionId = ConnectionId(1);
 impl Client {
     pub async fn connect(request: impl IntoClientRequest + Unpin, name: &str) -> Self {
         let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        Self::over(ws, name)
+    }
+
+    /// Connect over a socket with a small receive buffer (a reader whose
+    /// kernel buffers fill quickly, for slow-reader tests).
+    pub async fn connect_small_buffer(url: &str, name: &str) -> Self {
+        let addr = url.trim_start_matches("ws://").parse().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (ws, _) =
+            tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+                .await
+                .unwrap();
+        Self::over(ws, name)
+    }
+
+    fn over(ws: Socket, name: &str) -> Self {
         let mut repo = Repo::open(
             MemoryStorage::new(),
             RepoConfig::new(PeerId::new(name)),

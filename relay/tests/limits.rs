@@ -1,0 +1,191 @@
+//! The relay's limits on real sockets: a slow reader is dropped at its bound
+//! without slowing others, idle connections are closed while pinged ones stay,
+//! and a fast sender is throttled without losing anything.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use support::{Client, acked, server_repo, start, value};
+use tandem_engine::DocumentId;
+use tandem_engine::ServeOnRequest;
+use tandem_engine::automerge::{ROOT, transaction::Transactable};
+use tandem_engine::protocol::Message;
+use tandem_relay::{RelayConfig, RelayStats};
+
+/// Incompressible text, so the frames really are large.
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+/// A document created by the first client and fetched by the others; the
+/// last one reads through a small socket buffer when `small_last` is set.
+async fn shared_doc(url: &str, names: &[&str], small_last: bool) -> (DocumentId, Vec<Client>) {
+    let mut clients = Vec::new();
+    let mut first = Client::connect(url, names[0]).await;
+    let doc = first.repo.create().unwrap();
+    first.repo.change(&doc, |d| d.put(ROOT, "n", 0)).unwrap();
+    first
+        .until("the relay to store the document", |r| acked(r, &doc))
+        .await;
+    clients.push(first);
+    for (i, name) in names.iter().enumerate().skip(1) {
+        let mut c = if small_last && i == names.len() - 1 {
+            Client::connect_small_buffer(url, name).await
+        } else {
+            Client::connect(url, name).await
+        };
+        c.repo.request(doc).unwrap();
+        c.until("the document", |r| value(r, &doc) == Some(0)).await;
+        clients.push(c);
+    }
+    (doc, clients)
+}
+
+#[tokio::test]
+async fn a_slow_reader_is_dropped_and_does_not_slow_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = Arc::new(RelayStats::default());
+    let config = RelayConfig {
+        outbound_queue: 4,
+        stats: stats.clone(),
+        ..RelayConfig::default()
+    };
+    let relay = start(server_repo(&dir, ServeOnRequest), config).await;
+    let (doc, mut clients) = shared_doc(&relay.url, &["writer", "fast", "slow"], true).await;
+    let _slow = clients.pop().unwrap(); // subscribed, and from now on never reads
+    let mut fast = clients.pop().unwrap();
+    let mut writer = clients.pop().unwrap();
+
+    // Changes of 256 KiB: the slow reader's socket buffers fill, then
+    // its queue of 4 frames, and it is dropped.
+    const CHANGES: i64 = 40;
+    for i in 1..=CHANGES {
+        writer
+            .repo
+            .change(&doc, |d| {
+                d.put(ROOT, "blob", noise(i as u64, 256 * 1024))?;
+                d.put(ROOT, "n", i)
+            })
+            .unwrap();
+        // One change per sync round, so each is its own frame to every reader.
+        writer
+            .until("the relay to store the change", |r| acked(r, &doc))
+            .await;
+        fast.run_for(Duration::from_millis(1)).await;
+        if stats.slow_readers() > 0 {
+            break;
+        }
+    }
+    let last = value(&mut writer.repo, &doc).unwrap();
+    fast.until("every change at the fast reader", |r| {
+        value(r, &doc) == Some(last)
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.slow_readers() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow reader was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_pinged_ones_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = Arc::new(RelayStats::default());
+    let config = RelayConfig {
+        ping_interval: Duration::from_millis(50),
+        idle_timeout: Duration::from_millis(400),
+        stats: stats.clone(),
+        ..RelayConfig::default()
+    };
+    let relay = start(server_repo(&dir, ServeOnRequest), config).await;
+
+    // A client that reads answers the relay's pings (tungstenite does it on
+    // read), so it outlives the idle timeout several times over.
+    let (mut alive, _) = tokio_tungstenite::connect_async(relay.url.as_str())
+        .await
+        .unwrap();
+    let end = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < end {
+        match tokio::time::timeout(Duration::from_millis(100), alive.next()).await {
+            Err(_) | Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("a pinged connection was closed: {other:?}"),
+        }
+    }
+    assert_eq!(stats.idle_closed(), 0);
+
+    // A client that neither reads nor writes is closed.
+    let (_silent, _) = tokio_tungstenite::connect_async(relay.url.as_str())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.idle_closed() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "an idle connection was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_fast_sender_is_throttled_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = Arc::new(RelayStats::default());
+    let config = RelayConfig {
+        max_frames_per_second: 50,
+        stats: stats.clone(),
+        ..RelayConfig::default()
+    };
+    let relay = start(server_repo(&dir, ServeOnRequest), config).await;
+    let (doc, mut clients) = shared_doc(&relay.url, &["sender", "listener"], false).await;
+    let mut listener = clients.pop().unwrap();
+    let mut sender = clients.pop().unwrap();
+
+    // 150 ephemeral messages at once: three times the per-second budget.
+    const COUNT: u64 = 150;
+    for count in 1..=COUNT {
+        let frame = Message::Ephemeral {
+            sender_id: tandem_engine::PeerId::new("sender"),
+            target_id: tandem_engine::PeerId::new("relay"),
+            count,
+            session_id: "s".into(),
+            document_id: doc,
+            data: count.to_be_bytes().to_vec(),
+        };
+        use futures_util::SinkExt;
+        sender
+            .ws
+            .send(tokio_tungstenite::tungstenite::Message::Binary(
+                frame.encode().into(),
+            ))
+            .await
+            .unwrap();
+    }
+    listener
+        .until_event("every ephemeral message", |e| {
+            matches!(e, tandem_engine::Event::Ephemeral { data, .. } if data == &COUNT.to_be_bytes())
+        })
+        .await;
+    let received = listener
+        .events
+        .iter()
+        .filter(|e| matches!(e, tandem_engine::Event::Ephemeral { .. }))
+        .count();
+    assert_eq!(received as u64, COUNT, "throttling lost messages");
+    assert!(stats.throttled() > 0, "the sender was never throttled");
+}
