@@ -95,7 +95,11 @@ async fn main() -> std::process::ExitCode {
 async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // automerge instruments its change loading at INFO with the whole
+            // change graph as a span field: formatting it took 70% of the
+            // relay's CPU under load. Its warnings still show.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,automerge=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
