@@ -49,6 +49,7 @@
 
 pub mod auth;
 mod grants;
+pub mod metrics;
 mod server;
 
 pub use auth::{AuthError, Claims, Grant, Scope, mint, verify};

@@ -46,6 +46,9 @@ enum Command {
         /// document. Meant for local development.
         #[arg(long, env = "TANDEM_ALLOW_ANONYMOUS", conflicts_with = "secret")]
         allow_anonymous: bool,
+        /// Also serve `/metrics` (Prometheus) and `/healthz` over HTTP here.
+        #[arg(long, env = "TANDEM_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Mint an access token signed with the relay's secret.
     Token {
@@ -112,6 +115,7 @@ async fn run() -> Result<()> {
             max_connections,
             secret,
             allow_anonymous,
+            metrics_listen,
         } => {
             let auth = match (secret, allow_anonymous) {
                 (Some(secret), _) if secret.len() < 16 => {
@@ -157,7 +161,28 @@ async fn run() -> Result<()> {
                 auth,
                 ..RelayConfig::default()
             };
+            let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+            let http = match metrics_listen {
+                Some(at) => {
+                    let http_listener = TcpListener::bind(at).await.with_context(|| {
+                        format!("cannot listen on {at} for metrics (in use? pass --metrics-listen)")
+                    })?;
+                    println!("metrics on http://{}/metrics", http_listener.local_addr()?);
+                    Some(tokio::spawn(tandem_relay::metrics::serve_http(
+                        http_listener,
+                        config.stats.clone(),
+                        async {
+                            let _ = http_stopped.await;
+                        },
+                    )))
+                }
+                None => None,
+            };
             let mut repo = serve(listener, repo, config, shutdown_signal()).await;
+            let _ = stop_http.send(());
+            if let Some(http) = http {
+                let _ = http.await;
+            }
             repo.flush()?;
             tracing::info!("relay stopped; everything acknowledged is stored");
             Ok(())

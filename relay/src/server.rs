@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{AuthError, Claims};
 use crate::grants::{Auth, GrantTable, authenticate};
+pub use crate::metrics::RelayStats;
 
 /// Limits, authentication and counters of the relay.
 #[derive(Clone, Debug)]
@@ -69,51 +70,6 @@ impl Default for RelayConfig {
             idle_timeout: Duration::from_secs(45),
             max_frames_per_second: 2_000,
         }
-    }
-}
-
-/// What the relay refused, counted since it started.
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    unauthorized: AtomicU64,
-    writes_denied: AtomicU64,
-    expired: AtomicU64,
-    throttled: AtomicU64,
-    idle_closed: AtomicU64,
-    slow_readers: AtomicU64,
-}
-
-impl RelayStats {
-    /// Upgrades answered with 401 (token missing, malformed, tampered or expired).
-    pub fn unauthorized(&self) -> u64 {
-        self.unauthorized.load(Ordering::Relaxed)
-    }
-
-    /// Sync messages whose changes were not applied because the peer may
-    /// only read the document.
-    pub fn writes_denied(&self) -> u64 {
-        self.writes_denied.load(Ordering::Relaxed)
-    }
-
-    /// Connections closed because their token expired.
-    pub fn expired(&self) -> u64 {
-        self.expired.load(Ordering::Relaxed)
-    }
-
-    /// Times a connection sent faster than `max_frames_per_second` and its
-    /// reading was paused.
-    pub fn throttled(&self) -> u64 {
-        self.throttled.load(Ordering::Relaxed)
-    }
-
-    /// Connections closed because nothing arrived within `idle_timeout`.
-    pub fn idle_closed(&self) -> u64 {
-        self.idle_closed.load(Ordering::Relaxed)
-    }
-
-    /// Connections dropped because their outbound queue was full.
-    pub fn slow_readers(&self) -> u64 {
-        self.slow_readers.load(Ordering::Relaxed)
     }
 }
 
@@ -262,7 +218,7 @@ async fn upgrade(
                 Ok(response)
             }
             Err(e) => {
-                config.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+                config.stats.unauthorized.inc();
                 tracing::info!(%id, error = %e, "upgrade refused: 401");
                 Err(unauthorized(&e))
             }
@@ -332,7 +288,7 @@ async fn connection(
             }
             () = tokio::time::sleep_until(idle_at) => {
                 tracing::info!(%id, "idle timeout: nothing heard, closing");
-                config.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                config.stats.idle_closed.inc();
                 break;
             }
             _ = ping.tick() => {
@@ -360,7 +316,7 @@ async fn connection(
                 if let Err(not_until) = limiter.check() {
                     let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
                     throttled_until = Some(Instant::now() + wait);
-                    config.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    config.stats.throttled.inc();
                 }
             }
             outgoing = out.recv() => match outgoing {
@@ -374,7 +330,7 @@ async fn connection(
             },
             () = &mut expiry => {
                 tracing::info!(%id, "token expired: closing the connection");
-                config.stats.expired.fetch_add(1, Ordering::Relaxed);
+                config.stats.expired.inc();
                 let frame = CloseFrame {
                     code: CloseCode::Policy,
                     reason: "token expired".into(),
@@ -430,6 +386,8 @@ async fn repo_task<S: Storage>(
         warned: HashSet::new(),
     };
     let mut shutting_down = false;
+    let mut last_gauges = Instant::now();
+    ctx.stats.serving.store(true, Ordering::Relaxed);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut handled = 0;
@@ -452,6 +410,8 @@ async fn repo_task<S: Storage>(
                     }
                 }
                 Input::Frame { id, bytes } => {
+                    ctx.stats.frames_in.inc();
+                    ctx.stats.bytes_in.inc_by(bytes.len() as u64);
                     if let Err(e) = repo.receive(now_ms(), id, &bytes) {
                         tracing::debug!(%id, error = %e, "frame for a closed connection");
                     }
@@ -471,14 +431,32 @@ async fn repo_task<S: Storage>(
                 next = rx.try_recv().ok();
             }
         }
+        let started = std::time::Instant::now();
         if let Err(e) = repo.flush() {
             tracing::error!(error = %e, "flush failed; nothing of it was acknowledged");
         }
+        ctx.stats
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         route(&mut repo, &mut ctx);
+        ctx.stats.connections.set(ctx.conns.len() as i64);
+        ctx.stats
+            .documents_loaded
+            .set(repo.loaded_documents() as i64);
+        if last_gauges.elapsed() >= Duration::from_millis(100) {
+            last_gauges = Instant::now();
+            let queued: usize = ctx
+                .conns
+                .values()
+                .map(|c| c.out.max_capacity() - c.out.capacity())
+                .sum();
+            ctx.stats.outbound_queued.set(queued as i64);
+        }
         if shutting_down {
             break;
         }
     }
+    ctx.stats.serving.store(false, Ordering::Relaxed);
     repo
 }
 
@@ -489,9 +467,13 @@ fn route<S: Storage>(repo: &mut Repo<S>, ctx: &mut Ctx) {
                 let Some(conn) = ctx.conns.get(&connection) else {
                     continue;
                 };
-                if conn.out.try_send(WsMessage::Binary(frame.into())).is_err() {
+                let len = frame.len() as u64;
+                if conn.out.try_send(WsMessage::Binary(frame.into())).is_ok() {
+                    ctx.stats.frames_out.inc();
+                    ctx.stats.bytes_out.inc_by(len);
+                } else {
                     tracing::warn!(%connection, "slow reader: outbound queue full, disconnecting");
-                    ctx.stats.slow_readers.fetch_add(1, Ordering::Relaxed);
+                    ctx.stats.slow_readers.inc();
                     conn.task.abort();
                     repo.disconnect(connection);
                     ctx.forget(connection);
@@ -515,7 +497,7 @@ fn route<S: Storage>(repo: &mut Repo<S>, ctx: &mut Ctx) {
                 document,
                 reason,
             }) => {
-                ctx.stats.writes_denied.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.writes_denied.inc();
                 if ctx.warned.insert((connection, document)) {
                     tracing::warn!(%connection, %document, %reason, "write refused");
                 } else {
