@@ -15,41 +15,100 @@ use tokio::net::TcpListener;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format: `human` or `json` (one JSON object per line).
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_LOG_FORMAT",
+        default_value = "human"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// `tandem serve` settings. Each comes from the flag, else its environment
+/// variable, else the `--config` TOML file (same names, e.g.
+/// `max-message-size = 1048576`), else the default shown.
+#[derive(Debug, Default, clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ServeOptions {
+    /// A TOML file with any of these settings.
+    #[arg(long, env = "TANDEM_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:3030].
+    #[arg(long, env = "TANDEM_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory of the store, created if missing [default: tandem-data].
+    #[arg(long, env = "TANDEM_DATA")]
+    data: Option<PathBuf>,
+    /// Largest message accepted, in bytes [default: 16 MiB].
+    #[arg(long, env = "TANDEM_MAX_MESSAGE_SIZE")]
+    max_message_size: Option<usize>,
+    /// Frames queued per connection before it is dropped as a slow reader [default: 1024].
+    #[arg(long, env = "TANDEM_OUTBOUND_QUEUE")]
+    outbound_queue: Option<usize>,
+    /// Connections served at once [default: 10000].
+    #[arg(long, env = "TANDEM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Frames per second read from one connection at most [default: 2000].
+    #[arg(long, env = "TANDEM_MAX_FRAMES_PER_SECOND")]
+    max_frames_per_second: Option<u32>,
+    /// Seconds without hearing from a connection before it is closed [default: 45].
+    #[arg(long, env = "TANDEM_IDLE_TIMEOUT")]
+    idle_timeout: Option<u64>,
+    /// Secret that signs access tokens (see `tandem token`); clients then
+    /// need a valid token.
+    #[arg(long, env = "TANDEM_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Let anyone connect without a token, with read-write access to every
+    /// document. Meant for local development.
+    #[arg(long, env = "TANDEM_ALLOW_ANONYMOUS", conflicts_with = "secret")]
+    #[serde(default)]
+    allow_anonymous: bool,
+    /// Also serve `/metrics` (Prometheus) and `/healthz` over HTTP here.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl ServeOptions {
+    /// Fill what the command line and environment left unset from the
+    /// `--config` file.
+    fn with_file(self) -> Result<Self> {
+        let Some(path) = &self.config else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let file: ServeOptions = toml::from_str(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        Ok(Self {
+            config: self.config,
+            listen: self.listen.or(file.listen),
+            data: self.data.or(file.data),
+            max_message_size: self.max_message_size.or(file.max_message_size),
+            outbound_queue: self.outbound_queue.or(file.outbound_queue),
+            max_connections: self.max_connections.or(file.max_connections),
+            max_frames_per_second: self.max_frames_per_second.or(file.max_frames_per_second),
+            idle_timeout: self.idle_timeout.or(file.idle_timeout),
+            secret: self.secret.or(file.secret),
+            allow_anonymous: self.allow_anonymous || file.allow_anonymous,
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the relay: a storing automerge-repo sync server over WebSocket.
-    Serve {
-        /// Address to listen on.
-        #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:3030")]
-        listen: SocketAddr,
-        /// Directory of the store (created if missing).
-        #[arg(long, env = "TANDEM_DATA", default_value = "tandem-data")]
-        data: PathBuf,
-        /// Largest message accepted, in bytes.
-        #[arg(long, env = "TANDEM_MAX_MESSAGE_SIZE", default_value_t = 16 << 20)]
-        max_message_size: usize,
-        /// Frames queued per connection before it is dropped as a slow reader.
-        #[arg(long, env = "TANDEM_OUTBOUND_QUEUE", default_value_t = 1024)]
-        outbound_queue: usize,
-        /// Connections served at once.
-        #[arg(long, env = "TANDEM_MAX_CONNECTIONS", default_value_t = 10_000)]
-        max_connections: usize,
-        /// Secret that signs access tokens (see `tandem token`); clients then
-        /// need a valid token.
-        #[arg(long, env = "TANDEM_SECRET", hide_env_values = true)]
-        secret: Option<String>,
-        /// Let anyone connect without a token, with read-write access to every
-        /// document. Meant for local development.
-        #[arg(long, env = "TANDEM_ALLOW_ANONYMOUS", conflicts_with = "secret")]
-        allow_anonymous: bool,
-        /// Also serve `/metrics` (Prometheus) and `/healthz` over HTTP here.
-        #[arg(long, env = "TANDEM_METRICS_LISTEN")]
-        metrics_listen: Option<SocketAddr>,
-    },
+    Serve(ServeOptions),
     /// Mint an access token signed with the relay's secret.
     Token {
         /// The relay's secret (the same as `tandem serve --secret`).
@@ -96,27 +155,21 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // automerge instruments its change loading at INFO with the whole
-            // change graph as a span field: formatting it took 70% of the
-            // relay's CPU under load. Its warnings still show.
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,automerge=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
-        Command::Serve {
-            listen,
-            data,
-            max_message_size,
-            outbound_queue,
-            max_connections,
-            secret,
-            allow_anonymous,
-            metrics_listen,
-        } => {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Serve(options) => {
+            let options = options.with_file()?;
+            let defaults = RelayConfig::default();
+            let listen = options
+                .listen
+                .unwrap_or_else(|| "127.0.0.1:3030".parse().expect("valid address"));
+            let data = options.data.unwrap_or_else(|| "tandem-data".into());
+            let (secret, allow_anonymous, metrics_listen) = (
+                options.secret,
+                options.allow_anonymous,
+                options.metrics_listen,
+            );
             let auth = match (secret, allow_anonymous) {
                 (Some(secret), _) if secret.len() < 16 => {
                     bail!(
@@ -151,15 +204,28 @@ async fn run() -> Result<()> {
                 .with_context(|| format!("cannot listen on {listen} (in use? pass --listen)"))?;
             let addr = listener.local_addr()?;
             println!(
-                "tandem relay listening on ws://{addr} (store {})",
-                path.display()
+                "tandem relay listening on ws://{addr} (store {}, {})",
+                path.display(),
+                if matches!(auth, Auth::Anonymous) {
+                    "anonymous access"
+                } else {
+                    "tokens required"
+                }
             );
             let config = RelayConfig {
-                max_message_size,
-                outbound_queue,
-                max_connections,
+                max_message_size: options
+                    .max_message_size
+                    .unwrap_or(defaults.max_message_size),
+                outbound_queue: options.outbound_queue.unwrap_or(defaults.outbound_queue),
+                max_connections: options.max_connections.unwrap_or(defaults.max_connections),
+                max_frames_per_second: options
+                    .max_frames_per_second
+                    .unwrap_or(defaults.max_frames_per_second),
+                idle_timeout: options
+                    .idle_timeout
+                    .map_or(defaults.idle_timeout, std::time::Duration::from_secs),
                 auth,
-                ..RelayConfig::default()
+                ..defaults
             };
             let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
             let http = match metrics_listen {
@@ -276,6 +342,18 @@ async fn run() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,automerge=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
 }
 

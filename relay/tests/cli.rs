@@ -151,3 +151,50 @@ fn errors_name_the_problem_and_the_fix() {
         }
     }
 }
+
+#[test]
+fn a_toml_config_file_fills_what_flags_leave_unset_and_logs_can_be_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tandem.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata = {:?}\nallow-anonymous = true\nmax-message-size = 1048576\n",
+            dir.path().join("from-file")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut banner)
+        .unwrap();
+    assert!(
+        banner.contains("from-file"),
+        "the file's data dir was not used: {banner}"
+    );
+    assert!(banner.contains("anonymous access"), "{banner}");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let logs = String::from_utf8_lossy(&out.stderr);
+    let first = logs.lines().next().unwrap_or_default();
+    let parsed: serde_json::Value = serde_json::from_str(first)
+        .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {first:?}"));
+    assert!(parsed.get("level").is_some(), "{parsed}");
+
+    // A misspelt key is an error that names it.
+    std::fs::write(&config, "listn = \"127.0.0.1:0\"\n").unwrap();
+    let out = tandem(&["serve", "--config", config.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("listn"), "{err}");
+}
