@@ -1064,6 +1064,7 @@ impl<S: Storage> Repo<S> {
         let brings_changes = !message.changes.is_empty();
         let before_shared = pd.sync.shared_heads.clone();
         let before_theirs = pd.sync.their_heads.clone();
+        let before_last_sent = pd.sync.last_sent_heads.clone();
         let result = catch_unwind(AssertUnwindSafe(|| {
             let before = loaded.doc.get_heads();
             loaded
@@ -1074,7 +1075,20 @@ impl<S: Storage> Repo<S> {
             Ok::<_, AutomergeError>((after != before).then_some(after))
         }));
         let changed = match result {
-            Ok(Ok(changed)) => changed,
+            Ok(Ok(changed)) => {
+                // A message without changes whose heads equal ours makes
+                // automerge record those heads as sent. When several messages
+                // from the peer are handled in one batch, that is not true:
+                // the peer has not yet heard that we have its latest change,
+                // so it would never learn its change is stored. Keep the
+                // heads we really sent; the next flush then tells it.
+                if !brings_changes
+                    && let Some(pd) = self.conns.get_mut(&cid).and_then(|c| c.docs.get_mut(&doc))
+                {
+                    pd.sync.last_sent_heads = before_last_sent;
+                }
+                changed
+            }
             Ok(Err(e)) => {
                 self.fail(
                     cid,

@@ -48,10 +48,12 @@
 //! [`Repo`]: tandem_engine::Repo
 
 pub mod auth;
+mod client;
 mod grants;
 pub mod metrics;
 mod server;
 
 pub use auth::{AuthError, Claims, Grant, Scope, mint, verify};
+pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientStats, ConnectionState};
 pub use grants::{Auth, GrantPolicy, TokenAuth};
 pub use server::{RelayConfig, RelayStats, serve};

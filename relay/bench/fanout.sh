@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Fan-out benchmark, in one run: Tandem's relay and the Node sync server
+# (official automerge-repo 2.5.6 packages, tests/js/bench-sync-server.mjs),
+# each on 127.0.0.1 with a fresh data directory, loaded by the same load
+# generator (relay/src/bin/tandem-loadgen.rs) from a separate process:
+# 1 writer and READERS readers on one document, the writer at RATE changes/s
+# for PHASE_SECS, then as fast as it can for PHASE_SECS. The load generator
+# samples the server's CPU and RSS from /proc every 500 ms. The relay runs
+# with --allow-anonymous: the Node server has no authentication either.
+#
+#   relay/bench/fanout.sh            # about a minute
+#   READERS=50 RATE=1000 PHASE_SECS=10 DRAIN_SECS=10 relay/bench/fanout.sh
+#   TANDEM_LOG=info,automerge=warn relay/bench/fanout.sh   # RUST_LOG for the relay
+#
+# Needs what .ci/run installs: the Rust toolchain, Node 20, `npm ci` in tests/js.
+# The JSON reports and server logs stay in $BENCH_OUT (default: a temp dir).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+READERS=${READERS:-50}
+RATE=${RATE:-100}
+PHASE_SECS=${PHASE_SECS:-10}
+DRAIN_SECS=${DRAIN_SECS:-10}
+OUT=${BENCH_OUT:-$(mktemp -d -t tandem-fanout.XXXXXX)}
+mkdir -p "$OUT"
+
+echo "== build (release)"
+cargo build --release -p tandem-relay
+BIN=target/release
+if [ ! -d tests/js/node_modules/@automerge/automerge-repo-storage-nodefs ]; then
+  echo "== npm ci in tests/js"
+  npm ci --prefix tests/js --no-audit --no-fund
+fi
+
+SERVER_PID=""
+cleanup() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+
+# start_server NAME COMMAND...: start it in the background, wait for its
+# "listening on ws://HOST:PORT" line, set SERVER_PID and SERVER_URL.
+start_server() {
+  local name=$1
+  shift
+  "$@" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" &
+  SERVER_PID=$!
+  SERVER_URL=""
+  for _ in $(seq 1 150); do
+    SERVER_URL=$(grep -o 'listening on ws://[0-9.]*:[0-9]*' "$OUT/$name.stdout" 2>/dev/null | head -1 | sed 's/^listening on //' || true)
+    [ -n "$SERVER_URL" ] && break
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      break
+    fi
+    sleep 0.1
+  done
+  if [ -z "$SERVER_URL" ]; then
+    echo "FAILED: the $name server did not start (command: $*)" >&2
+    echo "--- stdout:" >&2
+    cat "$OUT/$name.stdout" >&2 || true
+    echo "--- stderr:" >&2
+    tail -n 50 "$OUT/$name.stderr" >&2 || true
+    exit 1
+  fi
+  echo "$name server (pid $SERVER_PID) listening on $SERVER_URL"
+}
+
+stop_server() {
+  kill -TERM "$SERVER_PID" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "warning: server $SERVER_PID ignored SIGTERM for 10 s; killing it" >&2
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+  fi
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+}
+
+# bench NAME: run the load generator against the started server.
+bench() {
+  local name=$1
+  echo "== load: $name"
+  if ! "$BIN/tandem-loadgen" --url "$SERVER_URL" --server-pid "$SERVER_PID" \
+    --label "$name" --readers "$READERS" --rate "$RATE" \
+    --phase-secs "$PHASE_SECS" --drain-secs "$DRAIN_SECS" --json >"$OUT/$name.json"; then
+    echo "FAILED: the load generator failed against $name" >&2
+    tail -n 20 "$OUT/$name.stderr" >&2 || true
+    exit 1
+  fi
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "FAILED: the $name server died during the run" >&2
+    tail -n 50 "$OUT/$name.stderr" >&2 || true
+    exit 1
+  fi
+}
+
+echo "== tandem relay"
+mkdir -p "$OUT/tandem-data"
+if [ -n "${TANDEM_LOG:-}" ]; then
+  start_server tandem env RUST_LOG="$TANDEM_LOG" "$BIN/tandem" serve --listen 127.0.0.1:0 --allow-anonymous --data "$OUT/tandem-data"
+else
+  start_server tandem "$BIN/tandem" serve --listen 127.0.0.1:0 --allow-anonymous --data "$OUT/tandem-data"
+fi
+bench tandem
+stop_server
+
+echo "== node sync server (automerge-repo 2.5.6)"
+mkdir -p "$OUT/node-data"
+start_server node node tests/js/bench-sync-server.mjs "$OUT/node-data"
+bench node
+stop_server
+
+echo
+echo "== summary (ratios are tandem/node; reports in $OUT)"
+"$BIN/tandem-loadgen" --compare "$OUT/tandem.json" "$OUT/node.json"

@@ -1,0 +1,949 @@
+//! `tandem-loadgen`: the fan-out benchmark's load generator.
+//!
+//! One writer and N readers, each an automerge-repo client (the engine's
+//! `Repo<MemoryStorage>` over tokio-tungstenite, one tokio task each), on one
+//! document of any automerge-repo v1 sync server (Tandem's relay, the Node
+//! sync server, ...). The writer creates the document and waits until the
+//! server has stored it; the readers request it. Then, per phase, the writer
+//! puts `v` (a sequence number) and `t` (its send time, Unix microseconds) in
+//! one change at a time:
+//!
+//! 1. at `--rate` changes/s for `--phase-secs`;
+//! 2. as fast as it can (one change, flush, send, repeat) for `--phase-secs`.
+//!
+//! After each phase it waits up to `--drain-secs` for every reader to see the
+//! last value. Readers record each distinct value of `v` they observe and its
+//! latency (observation time minus `t`: the same machine's clock).
+//!
+//! With `--server-pid` the server's CPU time and RSS are sampled from /proc
+//! every 500 ms. `--json` prints the report as JSON; `--compare A B` prints
+//! two such reports side by side (see relay/bench/fanout.sh).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tandem_engine::automerge::transaction::Transactable;
+use tandem_engine::automerge::{ROOT, ReadDoc};
+use tandem_engine::{
+    ConnectionId, Direction, DocumentId, Event, MemoryStorage, Output, PeerId, Repo, RepoConfig,
+    ShareAll,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message as Ws;
+
+/// Fan-out load generator: 1 writer, N readers, one document.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// WebSocket URL of the sync server.
+    #[arg(long, required_unless_present = "compare")]
+    url: Option<String>,
+    /// Reader clients.
+    #[arg(long, default_value_t = 50)]
+    readers: usize,
+    /// Changes per second in phase 1.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Length of each phase, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    phase_secs: f64,
+    /// Longest wait after each phase for every reader to see its last value.
+    #[arg(long, default_value_t = 10.0)]
+    drain_secs: f64,
+    /// Longest wait for connecting and loading the document.
+    #[arg(long, default_value_t = 30.0)]
+    setup_secs: f64,
+    /// Width of the windows (by send time) for the p99-over-time series.
+    #[arg(long, default_value_t = 2.0)]
+    window_secs: f64,
+    /// Process id of the server, to sample its CPU and RSS from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Name of the server in the report.
+    #[arg(long, default_value = "server")]
+    label: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Print two JSON reports (from --json) side by side, with ratios A/B.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    compare: Option<Vec<PathBuf>>,
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const CONN: ConnectionId = ConnectionId(1);
+/// The kernel's USER_HZ: /proc reports CPU times in these ticks (100 on
+/// every mainstream Linux architecture).
+const TICKS_PER_SEC: f64 = 100.0;
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+// ---- one automerge-repo client ------------------------------------------
+
+struct Client {
+    repo: Repo<MemoryStorage>,
+    sink: SplitSink<Socket, Ws>,
+    frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    /// Why the connection ended, once it has.
+    closed: Option<String>,
+    /// Nothing waits past this.
+    deadline: Instant,
+    frames_in: u64,
+    bytes_in: u64,
+    frames_out: u64,
+}
+
+impl Client {
+    async fn connect(url: &str, name: String, deadline: Instant) -> Result<Self> {
+        let (ws, _) = tokio::time::timeout_at(deadline, tokio_tungstenite::connect_async(url))
+            .await
+            .context("timed out connecting")?
+            .with_context(|| format!("cannot connect to {url}"))?;
+        let (sink, mut stream) = ws.split();
+        let (tx, frames) = mpsc::unbounded_channel();
+        // Read eagerly, so the server never waits on us (and pings are answered).
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, stream.next()).await {
+                match msg {
+                    Ok(Ws::Binary(b)) => {
+                        if tx.send(b.to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Ws::Close(_)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        });
+        let mut repo = Repo::open(
+            MemoryStorage::new(),
+            RepoConfig::new(PeerId::new(name)),
+            ShareAll,
+        )?;
+        repo.connect(CONN, Direction::Outgoing)?;
+        let mut client = Self {
+            repo,
+            sink,
+            frames,
+            closed: None,
+            deadline,
+            frames_in: 0,
+            bytes_in: 0,
+            frames_out: 0,
+        };
+        client.pump().await;
+        Ok(client)
+    }
+
+    /// Hand a frame to the repo.
+    fn receive(&mut self, frame: &[u8]) {
+        self.frames_in += 1;
+        self.bytes_in += frame.len() as u64;
+        if let Err(e) = self.repo.receive((now_us() / 1000) as u64, CONN, frame) {
+            self.closed.get_or_insert(format!("receive failed: {e}"));
+        }
+    }
+
+    /// Flush the repo and send what it produced.
+    async fn pump(&mut self) {
+        if let Err(e) = self.repo.flush() {
+            self.closed.get_or_insert(format!("flush failed: {e}"));
+            return;
+        }
+        let mut any = false;
+        while let Some(out) = self.repo.poll_output() {
+            match out {
+                Output::Send { frame, .. } if self.closed.is_none() => {
+                    self.frames_out += 1;
+                    any = true;
+                    if self.sink.feed(Ws::Binary(frame.into())).await.is_err() {
+                        self.closed.get_or_insert("send failed".into());
+                    }
+                }
+                Output::Send { .. } => {}
+                Output::Close { reason, .. } => {
+                    self.closed.get_or_insert(format!(
+                        "closed by the protocol: {}",
+                        reason.unwrap_or_else(|| "leave".into())
+                    ));
+                }
+                Output::Event(Event::PeerDisconnected { .. }) => {
+                    self.closed.get_or_insert("peer disconnected".into());
+                }
+                Output::Event(_) => {}
+            }
+        }
+        if any && self.closed.is_none() {
+            match tokio::time::timeout_at(self.deadline, self.sink.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.closed.get_or_insert(format!("send failed: {e}"));
+                }
+                Err(_) => {
+                    self.closed.get_or_insert("send timed out".into());
+                }
+            }
+        }
+    }
+
+    /// Wait for the next frame (or `until`); false once the socket is gone.
+    async fn next_frame(&mut self, until: Instant) -> Option<Vec<u8>> {
+        match tokio::time::timeout_at(until.min(self.deadline), self.frames.recv()).await {
+            Ok(Some(f)) => Some(f),
+            Ok(None) => {
+                self.closed.get_or_insert("socket closed".into());
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.close()).await;
+    }
+}
+
+fn read_vt(repo: &mut Repo<MemoryStorage>, doc: &DocumentId) -> Option<(u64, i64)> {
+    repo.view(doc, |d| {
+        let v = d.get(ROOT, "v").ok().flatten()?.0.as_u64()?;
+        let t = d.get(ROOT, "t").ok().flatten()?.0.as_i64()?;
+        Some((v, t))
+    })
+    .ok()
+    .flatten()
+}
+
+fn heads_contain(repo: &mut Repo<MemoryStorage>, doc: &DocumentId) -> bool {
+    let Ok(ours) = repo.heads(doc) else {
+        return false;
+    };
+    repo.remote_heads(CONN, doc)
+        .is_some_and(|theirs| ours.iter().all(|h| theirs.contains(h)))
+}
+
+// ---- the writer ----------------------------------------------------------
+
+/// What the writer sent in one phase.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    first: u64,
+    last: u64,
+    start_us: i64,
+    end_us: i64,
+}
+
+enum WriterCmd {
+    Phase {
+        rate: Option<f64>,
+        secs: f64,
+        reply: oneshot::Sender<Sent>,
+    },
+}
+
+struct Writer {
+    client: Client,
+    doc: DocumentId,
+    seq: u64,
+}
+
+impl Writer {
+    fn put(&mut self) {
+        self.seq += 1;
+        let (v, t) = (self.seq, now_us());
+        if let Err(e) = self.client.repo.change(&self.doc, |d| {
+            d.put(ROOT, "v", v)?;
+            d.put(ROOT, "t", t)
+        }) {
+            self.client
+                .closed
+                .get_or_insert(format!("change failed: {e}"));
+        }
+    }
+
+    /// Take every frame that is ready, then flush and send.
+    async fn handle_ready(&mut self) {
+        let mut any = false;
+        while let Ok(f) = self.client.frames.try_recv() {
+            self.client.receive(&f);
+            any = true;
+        }
+        if any {
+            self.client.pump().await;
+        }
+    }
+
+    async fn phase(&mut self, rate: Option<f64>, secs: f64) -> Sent {
+        let start = Instant::now();
+        let end = start + Duration::from_secs_f64(secs);
+        let (first, start_us) = (self.seq + 1, now_us());
+        match rate {
+            Some(rate) => {
+                let period = Duration::from_secs_f64(1.0 / rate);
+                let mut n = 0u32;
+                loop {
+                    let due = start + period * n;
+                    if due >= end || self.client.closed.is_some() {
+                        break;
+                    }
+                    while Instant::now() < due {
+                        if let Some(f) = self.client.next_frame(due).await {
+                            self.client.receive(&f);
+                            self.handle_ready().await;
+                        }
+                        if self.client.closed.is_some() {
+                            break;
+                        }
+                    }
+                    self.put();
+                    self.client.pump().await;
+                    n += 1;
+                }
+            }
+            None => {
+                while Instant::now() < end && self.client.closed.is_none() {
+                    self.put();
+                    self.client.pump().await;
+                    self.handle_ready().await;
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        Sent {
+            first,
+            last: self.seq,
+            start_us,
+            end_us: now_us(),
+        }
+    }
+
+    async fn run(mut self, mut cmds: mpsc::Receiver<WriterCmd>) -> Client {
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(WriterCmd::Phase { rate, secs, reply }) => {
+                        let sent = self.phase(rate, secs).await;
+                        let _ = reply.send(sent);
+                    }
+                    None => break,
+                },
+                f = self.client.frames.recv() => match f {
+                    Some(f) => {
+                        self.client.receive(&f);
+                        self.handle_ready().await;
+                    }
+                    None => {
+                        self.client.closed.get_or_insert("socket closed".into());
+                        break;
+                    }
+                },
+                _ = tokio::time::sleep_until(self.client.deadline) => break,
+            }
+        }
+        self.client
+    }
+}
+
+// ---- the readers ---------------------------------------------------------
+
+/// One distinct value a reader observed.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    v: u64,
+    sent_us: i64,
+    seen_us: i64,
+}
+
+struct ReaderReport {
+    seen: Vec<Seen>,
+    closed: Option<String>,
+    frames_in: u64,
+    bytes_in: u64,
+    frames_out: u64,
+}
+
+/// `progress` holds the last value seen plus one (0: nothing yet).
+async fn reader(
+    mut client: Client,
+    doc: DocumentId,
+    progress: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) -> ReaderReport {
+    let mut seen = Vec::new();
+    let mut last: Option<u64> = None;
+    let mut observe = |client: &mut Client, f: &[u8]| {
+        client.receive(f);
+        if let Some((v, t)) = read_vt(&mut client.repo, &doc)
+            && last.is_none_or(|l| v > l)
+        {
+            last = Some(v);
+            seen.push(Seen {
+                v,
+                sent_us: t,
+                seen_us: now_us(),
+            });
+            progress.store(v + 1, Ordering::Release);
+        }
+    };
+    if let Err(e) = client.repo.request(doc) {
+        client.closed.get_or_insert(format!("request failed: {e}"));
+    }
+    client.pump().await;
+    while client.closed.is_none() {
+        tokio::select! {
+            _ = stop.changed() => break,
+            f = client.frames.recv() => match f {
+                Some(f) => {
+                    observe(&mut client, &f);
+                    while let Ok(f) = client.frames.try_recv() {
+                        observe(&mut client, &f);
+                    }
+                    client.pump().await;
+                }
+                None => {
+                    client.closed.get_or_insert("socket closed".into());
+                }
+            },
+            _ = tokio::time::sleep_until(client.deadline) => break,
+        }
+    }
+    let report = ReaderReport {
+        seen,
+        closed: client.closed.clone(),
+        frames_in: client.frames_in,
+        bytes_in: client.bytes_in,
+        frames_out: client.frames_out,
+    };
+    client.close().await;
+    report
+}
+
+// ---- /proc sampling ------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+struct ProcSample {
+    at_us: i64,
+    cpu_secs: f64,
+    rss_kb: u64,
+}
+
+fn proc_sample(pid: &str) -> Option<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Some(ProcSample {
+        at_us: now_us(),
+        cpu_secs: (utime + stime) / TICKS_PER_SEC,
+        rss_kb,
+    })
+}
+
+/// Sample `pid` every 500 ms until `stop`.
+fn sampler(
+    pid: String,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Vec<ProcSample>> {
+    tokio::spawn(async move {
+        let mut samples = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => match proc_sample(&pid) {
+                    Some(s) => samples.push(s),
+                    None => break, // the process is gone
+                },
+                _ = stop.changed() => break,
+            }
+        }
+        samples
+    })
+}
+
+/// CPU (% of one core) and peak RSS between two times, from the samples.
+fn usage(samples: &[ProcSample], from_us: i64, to_us: i64) -> Value {
+    let inside: Vec<&ProcSample> = samples
+        .iter()
+        .filter(|s| s.at_us >= from_us && s.at_us <= to_us)
+        .collect();
+    let (Some(a), Some(b)) = (inside.first(), inside.last()) else {
+        return Value::Null;
+    };
+    let wall = (b.at_us - a.at_us) as f64 / 1e6;
+    let cpu = if wall > 0.0 {
+        (b.cpu_secs - a.cpu_secs) / wall * 100.0
+    } else {
+        0.0
+    };
+    json!({
+        "cpu_percent": round1(cpu),
+        "cpu_secs": round2(b.cpu_secs - a.cpu_secs),
+        "rss_peak_mb": round1(inside.iter().map(|s| s.rss_kb).max().unwrap_or(0) as f64 / 1024.0),
+        "rss_end_mb": round1(b.rss_kb as f64 / 1024.0),
+    })
+}
+
+// ---- statistics ----------------------------------------------------------
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Nearest-rank percentile of sorted values.
+fn pct<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn ms(us: Option<i64>) -> Value {
+    us.map_or(Value::Null, |u| json!(round1(u as f64 / 1000.0)))
+}
+
+fn phase_stats(
+    name: &str,
+    sent: Sent,
+    drain: (i64, usize),
+    readers: &[ReaderReport],
+    window_secs: f64,
+    server: &[ProcSample],
+    client: &[ProcSample],
+) -> Value {
+    let n_sent = sent.last + 1 - sent.first;
+    let secs = (sent.end_us - sent.start_us) as f64 / 1e6;
+    let mut distinct: Vec<u64> = Vec::new();
+    let mut latencies: Vec<i64> = Vec::new();
+    let mut rates: Vec<f64> = Vec::new();
+    let mut windows: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    let window_us = (window_secs * 1e6) as i64;
+    for r in readers {
+        let mine: Vec<&Seen> = r
+            .seen
+            .iter()
+            .filter(|s| s.v >= sent.first && s.v <= sent.last)
+            .collect();
+        distinct.push(mine.len() as u64);
+        for s in &mine {
+            let lat = s.seen_us - s.sent_us;
+            latencies.push(lat);
+            windows
+                .entry((s.sent_us - sent.start_us) / window_us)
+                .or_default()
+                .push(lat);
+        }
+        // Delivered: how far the reader's copy advanced, over the time it took.
+        rates.push(match mine.last() {
+            Some(s) => {
+                let took = (s.seen_us - sent.start_us).max(1) as f64 / 1e6;
+                (s.v + 1 - sent.first) as f64 / took
+            }
+            None => 0.0,
+        });
+    }
+    distinct.sort_unstable();
+    latencies.sort_unstable();
+    rates.sort_by(f64::total_cmp);
+    let pct_of = |d: Option<u64>| {
+        d.map_or(Value::Null, |d| {
+            json!(round1(d as f64 * 100.0 / n_sent.max(1) as f64))
+        })
+    };
+    let windows: Vec<Value> = windows
+        .into_iter()
+        .map(|(k, mut l)| {
+            l.sort_unstable();
+            json!({
+                "from_s": round1(k as f64 * window_secs),
+                "observations": l.len(),
+                "p50_ms": ms(pct(&l, 50.0)),
+                "p99_ms": ms(pct(&l, 99.0)),
+            })
+        })
+        .collect();
+    let phase_end = drain.0;
+    json!({
+        "phase": name,
+        "sent": n_sent,
+        "send_secs": round2(secs),
+        "send_rate": round1(n_sent as f64 / secs.max(1e-9)),
+        "readers": readers.len(),
+        "distinct_seen": {
+            "min": distinct.first(),
+            "median": pct(&distinct, 50.0),
+            "max": distinct.last(),
+            "min_percent": pct_of(distinct.first().copied()),
+            "median_percent": pct_of(pct(&distinct, 50.0)),
+        },
+        "latency_ms": {
+            "observations": latencies.len(),
+            "p50": ms(pct(&latencies, 50.0)),
+            "p99": ms(pct(&latencies, 99.0)),
+            "max": ms(latencies.last().copied()),
+        },
+        "delivered_per_reader_per_sec": {
+            "min": rates.first().map(|r| round1(*r)),
+            "median": pct(&rates, 50.0).map(round1),
+        },
+        "delivered_total_per_sec": round1(rates.iter().sum::<f64>()),
+        "caught_up_readers": drain.1,
+        "catch_up_secs": round2((phase_end - sent.end_us) as f64 / 1e6),
+        "p99_by_send_window": windows,
+        "server": usage(server, sent.start_us, phase_end),
+        "loadgen": usage(client, sent.start_us, phase_end),
+    })
+}
+
+// ---- the run -------------------------------------------------------------
+
+async fn run(args: &Args, url: &str) -> Result<Value> {
+    let total = args.setup_secs + 2.0 * (args.phase_secs + args.drain_secs) + 30.0;
+    let deadline = Instant::now() + Duration::from_secs_f64(total);
+    let setup_end = Instant::now() + Duration::from_secs_f64(args.setup_secs);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server_sampler = args
+        .server_pid
+        .map(|p| sampler(p.to_string(), stop_rx.clone()));
+    let client_sampler = sampler("self".into(), stop_rx.clone());
+    let setup_start = now_us();
+
+    // The writer creates the document and waits until the server stored it.
+    let mut client = Client::connect(url, "loadgen-writer".into(), deadline).await?;
+    let doc = client.repo.create()?;
+    let t = now_us();
+    client.repo.change(&doc, |d| {
+        d.put(ROOT, "v", 0u64)?;
+        d.put(ROOT, "t", t)
+    })?;
+    client.pump().await;
+    while !heads_contain(&mut client.repo, &doc) {
+        if let Some(e) = &client.closed {
+            bail!("the writer lost its connection during setup: {e}");
+        }
+        if Instant::now() >= setup_end {
+            bail!(
+                "the server did not store the new document within {} s",
+                args.setup_secs
+            );
+        }
+        if let Some(f) = client.next_frame(setup_end).await {
+            client.receive(&f);
+            while let Ok(f) = client.frames.try_recv() {
+                client.receive(&f);
+            }
+            client.pump().await;
+        }
+    }
+    let (writer_tx, writer_rx) = mpsc::channel(1);
+    let writer = tokio::spawn(
+        Writer {
+            client,
+            doc,
+            seq: 0,
+        }
+        .run(writer_rx),
+    );
+
+    // Readers connect and request the document.
+    let mut connecting = Vec::new();
+    for i in 0..args.readers {
+        let url = url.to_owned();
+        connecting.push(tokio::spawn(async move {
+            Client::connect(&url, format!("loadgen-reader-{i}"), deadline).await
+        }));
+    }
+    let mut progress = Vec::new();
+    let mut readers = Vec::new();
+    for c in connecting {
+        let client = c.await??;
+        let p = Arc::new(AtomicU64::new(0));
+        progress.push(p.clone());
+        readers.push(tokio::spawn(reader(client, doc, p, stop_rx.clone())));
+    }
+    let all_seen = |min: u64| progress.iter().all(|p| p.load(Ordering::Acquire) > min);
+    while !all_seen(0) {
+        if Instant::now() >= setup_end {
+            let n = progress
+                .iter()
+                .filter(|p| p.load(Ordering::Acquire) > 0)
+                .count();
+            bail!(
+                "only {n} of {} readers loaded the document within {} s",
+                args.readers,
+                args.setup_secs
+            );
+        }
+        if readers.iter().any(|r| r.is_finished()) {
+            bail!("a reader ended during setup (disconnected?)");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let setup_secs = (now_us() - setup_start) as f64 / 1e6;
+    eprintln!(
+        "[{}] {} readers have the document after {setup_secs:.2} s",
+        args.label, args.readers
+    );
+
+    // The phases, each followed by a drain.
+    let mut phases = Vec::new();
+    for (name, rate) in [("rate", Some(args.rate)), ("full-speed", None)] {
+        let (reply, sent) = oneshot::channel();
+        writer_tx
+            .send(WriterCmd::Phase {
+                rate,
+                secs: args.phase_secs,
+                reply,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the writer ended early"))?;
+        let sent = sent
+            .await
+            .map_err(|_| anyhow::anyhow!("the writer ended during a phase"))?;
+        let drain_end = Instant::now() + Duration::from_secs_f64(args.drain_secs);
+        while !all_seen(sent.last) && Instant::now() < drain_end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let caught_up = progress
+            .iter()
+            .filter(|p| p.load(Ordering::Acquire) > sent.last)
+            .count();
+        eprintln!(
+            "[{}] phase {name}: sent {} values in {:.2} s; {caught_up}/{} readers caught up",
+            args.label,
+            sent.last + 1 - sent.first,
+            (sent.end_us - sent.start_us) as f64 / 1e6,
+            args.readers
+        );
+        phases.push((name, sent, (now_us(), caught_up)));
+    }
+    let _ = stop_tx.send(true);
+    drop(writer_tx);
+    let mut reports = Vec::new();
+    for r in readers {
+        reports.push(r.await?);
+    }
+    let writer = writer.await?;
+    let server_samples = match server_sampler {
+        Some(s) => s.await?,
+        None => Vec::new(),
+    };
+    let client_samples = client_sampler.await?;
+    writer.close().await;
+
+    let disconnected: Vec<Value> = reports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.closed.as_ref().map(|c| json!({"reader": i, "why": c})))
+        .collect();
+    let phase_values: Vec<Value> = phases
+        .iter()
+        .map(|(name, sent, drain)| {
+            phase_stats(
+                name,
+                *sent,
+                *drain,
+                &reports,
+                args.window_secs,
+                &server_samples,
+                &client_samples,
+            )
+        })
+        .collect();
+    Ok(json!({
+        "label": args.label,
+        "url": url,
+        "readers": args.readers,
+        "rate": args.rate,
+        "phase_secs": args.phase_secs,
+        "setup_secs": round2(setup_secs),
+        "phases": phase_values,
+        "readers_disconnected": disconnected,
+        "frames": {
+            "to_readers": reports.iter().map(|r| r.frames_in).sum::<u64>(),
+            "bytes_to_readers": reports.iter().map(|r| r.bytes_in).sum::<u64>(),
+            "from_readers": reports.iter().map(|r| r.frames_out).sum::<u64>(),
+        },
+        "server_peak_rss_mb": server_samples.iter().map(|s| s.rss_kb).max().map(|k| round1(k as f64 / 1024.0)),
+    }))
+}
+
+// ---- printing ------------------------------------------------------------
+
+fn f(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The rows printed for one phase: (label, JSON pointer inside the phase).
+const ROWS: &[(&str, &str)] = &[
+    ("values sent", "/sent"),
+    ("send rate (/s)", "/send_rate"),
+    ("distinct seen min", "/distinct_seen/min"),
+    ("distinct seen median", "/distinct_seen/median"),
+    ("seen % min", "/distinct_seen/min_percent"),
+    ("seen % median", "/distinct_seen/median_percent"),
+    ("latency p50 (ms)", "/latency_ms/p50"),
+    ("latency p99 (ms)", "/latency_ms/p99"),
+    ("latency max (ms)", "/latency_ms/max"),
+    (
+        "delivered/s per reader (median)",
+        "/delivered_per_reader_per_sec/median",
+    ),
+    ("delivered/s all readers", "/delivered_total_per_sec"),
+    ("readers caught up", "/caught_up_readers"),
+    ("catch-up after phase (s)", "/catch_up_secs"),
+    ("server CPU (% of a core)", "/server/cpu_percent"),
+    ("server RSS peak (MB)", "/server/rss_peak_mb"),
+    ("loadgen CPU (% of a core)", "/loadgen/cpu_percent"),
+];
+
+fn windows_line(phase: &Value) -> String {
+    phase["p99_by_send_window"]
+        .as_array()
+        .map(|w| {
+            w.iter()
+                .map(|w| format!("{}s:{}", f(&w["from_s"]), f(&w["p99_ms"])))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+fn print_report(r: &Value) {
+    println!(
+        "{}: {} readers, {} (rate phase {} changes/s, {} s per phase; setup {} s)",
+        f(&r["label"]),
+        f(&r["readers"]),
+        f(&r["url"]),
+        f(&r["rate"]),
+        f(&r["phase_secs"]),
+        f(&r["setup_secs"])
+    );
+    for p in r["phases"].as_array().into_iter().flatten() {
+        println!("  phase {}", f(&p["phase"]));
+        for (label, ptr) in ROWS {
+            println!(
+                "    {label:<34} {}",
+                f(p.pointer(ptr).unwrap_or(&Value::Null))
+            );
+        }
+        println!("    p99 by 2 s send window (ms)        {}", windows_line(p));
+    }
+    println!(
+        "  readers disconnected: {}",
+        r["readers_disconnected"].as_array().map_or(0, Vec::len)
+    );
+}
+
+fn compare(a_path: &Path, b_path: &Path) -> Result<()> {
+    let load = |p: &Path| -> Result<Value> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a loadgen JSON report", p.display()))
+    };
+    let (a, b) = (load(a_path)?, load(b_path)?);
+    let (an, bn) = (f(&a["label"]), f(&b["label"]));
+    println!(
+        "fan-out: {} readers, rate phase {} changes/s, {} s per phase",
+        f(&a["readers"]),
+        f(&a["rate"]),
+        f(&a["phase_secs"])
+    );
+    let empty = Vec::new();
+    let (ap, bp) = (
+        a["phases"].as_array().unwrap_or(&empty),
+        b["phases"].as_array().unwrap_or(&empty),
+    );
+    for (pa, pb) in ap.iter().zip(bp) {
+        println!();
+        println!("phase {}", f(&pa["phase"]));
+        println!(
+            "  {:<34} {:>12} {:>12} {:>10}",
+            "",
+            an,
+            bn,
+            format!("{an}/{bn}")
+        );
+        for (label, ptr) in ROWS {
+            let va = pa.pointer(ptr).unwrap_or(&Value::Null);
+            let vb = pb.pointer(ptr).unwrap_or(&Value::Null);
+            let ratio = match (va.as_f64(), vb.as_f64()) {
+                (Some(x), Some(y)) if y != 0.0 => format!("{:.2}", x / y),
+                _ => "-".into(),
+            };
+            println!("  {label:<34} {:>12} {:>12} {ratio:>10}", f(va), f(vb));
+        }
+        println!("  p99 by 2 s send window (ms)");
+        println!("    {an}: {}", windows_line(pa));
+        println!("    {bn}: {}", windows_line(pb));
+    }
+    println!();
+    for r in [&a, &b] {
+        let d = r["readers_disconnected"].as_array().map_or(0, Vec::len);
+        println!(
+            "{}: readers disconnected {d}, frames to readers {}, server peak RSS {} MB",
+            f(&r["label"]),
+            f(&r["frames"]["to_readers"]),
+            f(&r["server_peak_rss_mb"])
+        );
+        if let Some(list) = r["readers_disconnected"].as_array() {
+            for x in list.iter().take(5) {
+                println!("    reader {}: {}", f(&x["reader"]), f(&x["why"]));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(paths) = &args.compare {
+        return compare(&paths[0], &paths[1]);
+    }
+    let url = args.url.clone().context("--url is required")?;
+    if args.rate <= 0.0 || args.phase_secs <= 0.0 || args.window_secs <= 0.0 {
+        bail!("--rate, --phase-secs and --window-secs must be positive");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run(&args, &url))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
