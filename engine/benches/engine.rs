@@ -5,29 +5,15 @@
 //!
 //!     cargo bench -p tandem-engine --bench engine && python3 engine/benches/ratios.py
 
-use std::path::PathBuf;
+mod common;
+
+use common::{bench_dir, five_fields, raw_redb_commit, repo_at};
 use std::time::{Duration, Instant};
 
 use automerge::{AutoCommit, ObjType, ROOT, transaction::Transactable};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use redb::{Database, TableDefinition};
-use tandem_engine::{DocumentId, PeerId, RedbStorage, Repo, RepoConfig, ShareAll};
-
-fn bench_dir() -> tempfile::TempDir {
-    // On the project's disk (target/), not a tmpfs, so fsync costs what it costs.
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(&base).unwrap();
-    tempfile::tempdir_in(base).unwrap()
-}
-
-fn repo_at(path: &std::path::Path) -> Repo<RedbStorage> {
-    Repo::open(
-        RedbStorage::open(path).unwrap(),
-        RepoConfig::new(PeerId::new("bench")),
-        ShareAll,
-    )
-    .unwrap()
-}
+use redb::Database;
+use tandem_engine::DocumentId;
 
 /// Durable single-document commits vs raw redb single-insert durable commits.
 fn durable_commits(c: &mut Criterion) {
@@ -37,17 +23,11 @@ fn durable_commits(c: &mut Criterion) {
 
     let dir = bench_dir();
     let db = Database::create(dir.path().join("raw.redb")).unwrap();
-    const T: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("t");
     let mut n = 0u64;
     g.bench_function("floor_redb_single_insert", |b| {
         b.iter(|| {
             n += 1;
-            let txn = db.begin_write().unwrap();
-            txn.open_table(T)
-                .unwrap()
-                .insert(n, b"value-0123456789".as_slice())
-                .unwrap();
-            txn.commit().unwrap();
+            raw_redb_commit(&db, n);
         })
     });
 
@@ -62,15 +42,6 @@ fn durable_commits(c: &mut Criterion) {
         })
     });
     g.finish();
-}
-
-fn five_fields(d: &mut AutoCommit, i: usize) -> Result<(), automerge::AutomergeError> {
-    d.put(ROOT, "id", i as i64)?;
-    d.put(ROOT, "title", format!("task {i}"))?;
-    d.put(ROOT, "done", i.is_multiple_of(2))?;
-    d.put(ROOT, "owner", "ada")?;
-    d.put(ROOT, "priority", (i % 5) as f64)?;
-    Ok(())
 }
 
 /// Small documents created and persisted with group commit vs bare automerge

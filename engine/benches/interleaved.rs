@@ -5,22 +5,16 @@
 //!
 //!     cargo bench -p tandem-engine --bench interleaved
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{bench_dir, five_fields, raw_redb_commit, repo_at};
+
 use automerge::{AutoCommit, ROOT, transaction::Transactable};
-use redb::{Database, TableDefinition};
-use tandem_engine::{PeerId, RedbStorage, Repo, RepoConfig, ShareAll};
+use redb::Database;
 
 const ROUNDS: usize = 21;
-
-fn five_fields(d: &mut AutoCommit, i: usize) -> Result<(), automerge::AutomergeError> {
-    d.put(ROOT, "id", i as i64)?;
-    d.put(ROOT, "title", format!("task {i}"))?;
-    d.put(ROOT, "done", i.is_multiple_of(2))?;
-    d.put(ROOT, "owner", "ada")?;
-    d.put(ROOT, "priority", (i % 5) as f64)?;
-    Ok(())
-}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -57,22 +51,12 @@ fn compare(name: &str, per_round: usize, mut floor: impl FnMut(), mut ours: impl
 }
 
 fn main() {
-    let base = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(&base).unwrap();
-    let dir = tempfile::tempdir_in(base).unwrap();
-    let open = |name: &str| {
-        Repo::open(
-            RedbStorage::open(dir.path().join(name)).unwrap(),
-            RepoConfig::new(PeerId::new("bench")),
-            ShareAll,
-        )
-        .unwrap()
-    };
+    let dir = bench_dir();
+    let open = |name: &str| repo_at(&dir.path().join(name));
 
     // Durable single-document commits vs raw redb single-insert commits.
     const COMMITS: usize = 200;
     let db = Database::create(dir.path().join("raw.redb")).unwrap();
-    const T: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("t");
     let mut n = 0u64;
     let mut repo = open("durable.redb");
     let doc = repo.create().unwrap();
@@ -83,12 +67,7 @@ fn main() {
         || {
             for _ in 0..COMMITS {
                 n += 1;
-                let txn = db.begin_write().unwrap();
-                txn.open_table(T)
-                    .unwrap()
-                    .insert(n, b"value-0123456789".as_slice())
-                    .unwrap();
-                txn.commit().unwrap();
+                raw_redb_commit(&db, n);
             }
         },
         || {
