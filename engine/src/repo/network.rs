@@ -1,0 +1,615 @@
+//! The protocol side of the repo: connections, the handshake, and every
+//! message a peer can send.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use automerge::AutomergeError;
+use automerge::sync::{self, SyncDoc};
+
+use super::connection::{ConnState, Connection, PeerDoc};
+use super::{Direction, Event, Millis, Output, Repo, load_sync_state, sync_state_key};
+use crate::documents::panic_message;
+use crate::error::{DecodeError, RepoError};
+use crate::feed::Origin;
+use crate::policy::Access;
+use crate::protocol::{Message, PROTOCOL_VERSION, PeerMetadata, RemoteHeads};
+use crate::storage::{Storage, WriteBatch};
+use crate::{ConnectionId, DocumentId, PeerId, PeerInfo};
+
+impl<S: Storage> Repo<S> {
+    /// A connection id not in use on this repo (for in-process links).
+    pub fn fresh_connection_id(&mut self) -> ConnectionId {
+        let next = self
+            .conns
+            .keys()
+            .next_back()
+            .map_or(1 << 40, |c| c.0.max(1 << 40) + 1);
+        ConnectionId(next)
+    }
+
+    /// A connection opened. `Outgoing` sends `join` at once; `Incoming`
+    /// waits for the peer's `join`.
+    pub fn connect(&mut self, id: ConnectionId, direction: Direction) -> Result<(), RepoError> {
+        if self.conns.contains_key(&id) {
+            return Err(RepoError::DuplicateConnection(id));
+        }
+        let state = match direction {
+            Direction::Incoming => ConnState::AwaitingJoin,
+            Direction::Outgoing => {
+                let join = Message::Join {
+                    sender_id: self.config.peer_id.clone(),
+                    supported_protocol_versions: vec![PROTOCOL_VERSION.into()],
+                    metadata: Some(self.metadata()),
+                };
+                self.outputs.push_back(Output::Send {
+                    connection: id,
+                    frame: join.encode(),
+                });
+                ConnState::AwaitingPeer
+            }
+        };
+        self.conns.insert(id, Connection::new(state));
+        Ok(())
+    }
+
+    /// A connection closed (by the transport). Idempotent.
+    pub fn disconnect(&mut self, id: ConnectionId) {
+        if let Some(conn) = self.conns.remove(&id) {
+            self.forget_connection(id, conn);
+        }
+    }
+
+    fn forget_connection(&mut self, id: ConnectionId, conn: Connection) {
+        self.to_sync.retain(|(c, _)| *c != id);
+        // Persist what the sync states learned before forgetting them.
+        if let ConnState::Ready(peer) = &conn.state
+            && let (Some(sid), false) = (&peer.storage_id, peer.ephemeral)
+        {
+            let mut batch = WriteBatch::new();
+            for (_, doc) in self.sync_state_dirty.iter().filter(|(c, _)| *c == id) {
+                if let Some(pd) = conn.docs.get(doc) {
+                    batch.put(sync_state_key(doc, sid), pd.sync.encode());
+                }
+            }
+            if !batch.is_empty()
+                && let Err(e) = self.docs.storage.commit(&batch)
+            {
+                tracing::warn!(error = %e, "could not persist sync states on disconnect");
+            }
+        }
+        self.sync_state_dirty.retain(|(c, _)| *c != id);
+        let peer_id = match conn.state {
+            ConnState::Ready(p) => Some(p.peer_id),
+            _ => None,
+        };
+        self.outputs
+            .push_back(Output::Event(Event::PeerDisconnected {
+                connection: id,
+                peer_id,
+            }));
+    }
+
+    /// Close a connection from our side with an `error` frame.
+    fn fail(&mut self, id: ConnectionId, error: String) {
+        let target = self.conns.get(&id).and_then(|c| match &c.state {
+            ConnState::Ready(p) => Some(p.peer_id.clone()),
+            _ => None,
+        });
+        let frame = Message::Error {
+            message: error.clone(),
+            sender_id: Some(self.config.peer_id.clone()),
+            target_id: target,
+        }
+        .encode();
+        self.outputs.push_back(Output::Send {
+            connection: id,
+            frame,
+        });
+        self.outputs.push_back(Output::Event(Event::ProtocolError {
+            connection: id,
+            error: error.clone(),
+        }));
+        self.outputs.push_back(Output::Close {
+            connection: id,
+            reason: Some(error),
+        });
+        if let Some(conn) = self.conns.remove(&id) {
+            self.forget_connection(id, conn);
+        }
+    }
+
+    /// Close a connection from our side without error.
+    pub fn close(&mut self, id: ConnectionId) {
+        if let Some(conn) = self.conns.remove(&id) {
+            let frame = Message::Leave {
+                sender_id: self.config.peer_id.clone(),
+            }
+            .encode();
+            self.outputs.push_back(Output::Send {
+                connection: id,
+                frame,
+            });
+            self.outputs.push_back(Output::Close {
+                connection: id,
+                reason: None,
+            });
+            self.forget_connection(id, conn);
+        }
+    }
+
+    fn metadata(&self) -> PeerMetadata {
+        PeerMetadata {
+            storage_id: (!self.config.ephemeral).then(|| self.storage_id.clone()),
+            is_ephemeral: self.config.ephemeral,
+        }
+    }
+
+    /// A frame arrived on a connection. Malformed or unexpected frames get an
+    /// `error` frame and a close; they never panic or disturb other peers.
+    pub fn receive(
+        &mut self,
+        now: Millis,
+        id: ConnectionId,
+        frame: &[u8],
+    ) -> Result<(), RepoError> {
+        self.now = now;
+        if !self.conns.contains_key(&id) {
+            return Err(RepoError::UnknownConnection(id));
+        }
+        let msg = match Message::decode(frame) {
+            Ok(m) => m,
+            Err(e) => {
+                let text = match &e {
+                    DecodeError::UnknownType(t) => format!("unknown message type {t:?}"),
+                    other => format!("malformed message: {other}"),
+                };
+                self.fail(id, text);
+                return Ok(());
+            }
+        };
+        let state = &self.conns[&id].state;
+        match (state, msg) {
+            (
+                ConnState::AwaitingJoin,
+                Message::Join {
+                    sender_id,
+                    supported_protocol_versions,
+                    metadata,
+                },
+            ) => {
+                if !supported_protocol_versions
+                    .iter()
+                    .any(|v| v == PROTOCOL_VERSION)
+                {
+                    self.fail(
+                        id,
+                        format!(
+                            "unsupported protocol versions {supported_protocol_versions:?}; this server speaks {PROTOCOL_VERSION:?}"
+                        ),
+                    );
+                    return Ok(());
+                }
+                let peer = Message::Peer {
+                    sender_id: self.config.peer_id.clone(),
+                    target_id: sender_id.clone(),
+                    selected_protocol_version: PROTOCOL_VERSION.into(),
+                    metadata: Some(self.metadata()),
+                };
+                self.outputs.push_back(Output::Send {
+                    connection: id,
+                    frame: peer.encode(),
+                });
+                self.ready(id, sender_id, metadata.unwrap_or_default());
+            }
+            (
+                ConnState::AwaitingPeer,
+                Message::Peer {
+                    sender_id,
+                    selected_protocol_version,
+                    metadata,
+                    ..
+                },
+            ) => {
+                if selected_protocol_version != PROTOCOL_VERSION {
+                    self.fail(
+                        id,
+                        format!("unsupported protocol version {selected_protocol_version:?}"),
+                    );
+                    return Ok(());
+                }
+                self.ready(id, sender_id, metadata.unwrap_or_default());
+            }
+            (_, Message::Error { message, .. }) => {
+                self.outputs.push_back(Output::Event(Event::ProtocolError {
+                    connection: id,
+                    error: format!("peer reported: {message}"),
+                }));
+                self.outputs.push_back(Output::Close {
+                    connection: id,
+                    reason: Some(message),
+                });
+                self.disconnect(id);
+            }
+            (_, Message::Leave { .. }) => {
+                self.outputs.push_back(Output::Close {
+                    connection: id,
+                    reason: None,
+                });
+                self.disconnect(id);
+            }
+            (ConnState::Ready(_), msg) => self.receive_ready(id, msg)?,
+            (ConnState::AwaitingJoin, other) => {
+                self.fail(id, format!("expected join, got {}", other.type_name()));
+            }
+            (ConnState::AwaitingPeer, other) => {
+                self.fail(id, format!("expected peer, got {}", other.type_name()));
+            }
+        }
+        Ok(())
+    }
+
+    fn ready(&mut self, id: ConnectionId, peer_id: PeerId, metadata: PeerMetadata) {
+        let info = PeerInfo {
+            connection: id,
+            peer_id,
+            storage_id: metadata.storage_id,
+            ephemeral: metadata.is_ephemeral,
+        };
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.state = ConnState::Ready(info.clone());
+        }
+        let offered = self
+            .active
+            .iter()
+            .filter(|d| self.policy.announce(&info, d));
+        for doc in offered.chain(self.wanted.iter()) {
+            if self.policy.access(&info, doc) != Access::None {
+                self.to_sync.insert((id, *doc));
+            }
+        }
+        self.outputs
+            .push_back(Output::Event(Event::PeerConnected(info)));
+    }
+
+    fn receive_ready(&mut self, cid: ConnectionId, msg: Message) -> Result<(), RepoError> {
+        let peer = match &self.conns[&cid].state {
+            ConnState::Ready(p) => p.clone(),
+            _ => unreachable!("checked by caller"),
+        };
+        match msg {
+            Message::Sync {
+                document_id, data, ..
+            } => self.receive_sync(cid, &peer, document_id, &data, false),
+            Message::Request {
+                document_id, data, ..
+            } => self.receive_sync(cid, &peer, document_id, &data, true),
+            Message::DocUnavailable { document_id, .. } => {
+                self.outputs
+                    .push_back(Output::Event(Event::DocumentUnavailable {
+                        document: document_id,
+                        peer_id: peer.peer_id,
+                    }));
+                Ok(())
+            }
+            Message::Ephemeral {
+                count,
+                session_id,
+                document_id,
+                data,
+                sender_id,
+                ..
+            } => {
+                self.receive_ephemeral(cid, &peer, sender_id, count, session_id, document_id, data);
+                Ok(())
+            }
+            Message::RemoteSubscriptionChange { add, remove, .. } => {
+                let conn = self.conns.get_mut(&cid).expect("ready connection");
+                conn.remote_subs.extend(add);
+                for r in &remove {
+                    conn.remote_subs.remove(r);
+                }
+                Ok(())
+            }
+            Message::RemoteHeadsChanged {
+                document_id,
+                new_heads,
+                ..
+            } => {
+                if self.access_for(cid, &peer, &document_id) == Access::None {
+                    return Ok(());
+                }
+                for h in &new_heads {
+                    self.outputs.push_back(Output::Event(Event::RemoteHeads {
+                        document: document_id,
+                        storage_id: h.storage_id.clone(),
+                        heads: h.heads.clone(),
+                    }));
+                }
+                self.gossip_heads(Some(cid), document_id, new_heads);
+                Ok(())
+            }
+            other @ (Message::Join { .. } | Message::Peer { .. }) => {
+                self.fail(
+                    cid,
+                    format!("unexpected {} after the handshake", other.type_name()),
+                );
+                Ok(())
+            }
+            Message::Error { .. } | Message::Leave { .. } => unreachable!("handled by caller"),
+        }
+    }
+
+    /// The peer's access to a document, asked of the policy once per connection.
+    fn access_for(&mut self, cid: ConnectionId, peer: &PeerInfo, doc: &DocumentId) -> Access {
+        match self.conns.get(&cid).and_then(|c| c.docs.get(doc)) {
+            Some(pd) => pd.access,
+            None => self.policy.access(peer, doc),
+        }
+    }
+
+    fn doc_unavailable(&mut self, cid: ConnectionId, peer: &PeerInfo, doc: DocumentId) {
+        let frame = Message::DocUnavailable {
+            sender_id: self.config.peer_id.clone(),
+            target_id: peer.peer_id.clone(),
+            document_id: doc,
+        }
+        .encode();
+        self.outputs.push_back(Output::Send {
+            connection: cid,
+            frame,
+        });
+    }
+
+    fn receive_sync(
+        &mut self,
+        cid: ConnectionId,
+        peer: &PeerInfo,
+        doc: DocumentId,
+        data: &[u8],
+        is_request: bool,
+    ) -> Result<(), RepoError> {
+        let access = self.access_for(cid, peer, &doc);
+        if access == Access::None || self.docs.quarantine_reason(&doc).is_some() {
+            self.doc_unavailable(cid, peer, doc);
+            return Ok(());
+        }
+        let message = match sync::Message::decode(data) {
+            Ok(m) => m,
+            Err(e) => {
+                self.fail(
+                    cid,
+                    format!("invalid automerge sync message for {doc}: {e}"),
+                );
+                return Ok(());
+            }
+        };
+        let exists = self.docs.exists(&doc)?;
+        if !exists {
+            // A storing peer accepts a new document from a writer; a request
+            // for something we do not have is answered at once, and the
+            // requester stays subscribed, so it gets the document as soon as
+            // another peer brings it.
+            if is_request || access != Access::ReadWrite {
+                if !self.conns[&cid].docs.contains_key(&doc) {
+                    let sync = load_sync_state(&self.docs.storage, &doc, peer);
+                    let conn = self.conns.get_mut(&cid).expect("ready connection");
+                    conn.docs.insert(doc, PeerDoc::new(access, sync));
+                }
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            self.create_with_id(doc)?;
+        }
+        if !self.conns[&cid].docs.contains_key(&doc) {
+            let sync = load_sync_state(&self.docs.storage, &doc, peer);
+            let conn = self.conns.get_mut(&cid).expect("ready connection");
+            conn.docs.insert(doc, PeerDoc::new(access, sync));
+        }
+        let loaded = match self.docs.get(&doc) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            Err(RepoError::CorruptDocument { reason, .. }) => {
+                tracing::error!(document = %doc, %reason, "stored document does not load");
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            Err(RepoError::Quarantined { .. }) => {
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        // A request for a document we only know as an empty placeholder.
+        if is_request && loaded.doc.get_heads().is_empty() {
+            self.doc_unavailable(cid, peer, doc);
+            return Ok(());
+        }
+        let conn = self.conns.get_mut(&cid).expect("ready connection");
+        let pd = conn.docs.get_mut(&doc).expect("inserted above");
+        pd.received = true;
+        let brings_changes = !message.changes.is_empty();
+        let before_shared = pd.sync.shared_heads.clone();
+        let before_theirs = pd.sync.their_heads.clone();
+        let before_last_sent = pd.sync.last_sent_heads.clone();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let before = loaded.doc.get_heads();
+            loaded
+                .doc
+                .sync()
+                .receive_sync_message(&mut pd.sync, message)?;
+            let after = loaded.doc.get_heads();
+            Ok::<_, AutomergeError>((after != before).then_some(after))
+        }));
+        let changed = match result {
+            Ok(Ok(changed)) => {
+                // A message without changes whose heads equal ours makes
+                // automerge record those heads as sent. When several messages
+                // from the peer are handled in one batch, that is not true:
+                // the peer has not yet heard that we have its latest change,
+                // so it would never learn its change is stored. Keep the
+                // heads we really sent; the next flush then tells it.
+                if !brings_changes
+                    && let Some(pd) = self.conns.get_mut(&cid).and_then(|c| c.docs.get_mut(&doc))
+                {
+                    pd.sync.last_sent_heads = before_last_sent;
+                }
+                changed
+            }
+            Ok(Err(e)) => {
+                self.fail(
+                    cid,
+                    format!("automerge rejected the sync message for {doc}: {e}"),
+                );
+                return Ok(());
+            }
+            Err(panic) => {
+                let _ = self.quarantine(doc, panic_message(panic));
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+        };
+        if access == Access::Read && brings_changes {
+            self.outputs.push_back(Output::Event(Event::AccessDenied {
+                connection: cid,
+                document: doc,
+                reason: format!(
+                    "{} has read-only access; its changes were not applied",
+                    peer.peer_id
+                ),
+            }));
+        }
+        let pd = &self.conns[&cid].docs[&doc];
+        if pd.sync.shared_heads != before_shared {
+            self.sync_state_dirty.insert((cid, doc));
+        }
+        let their_heads = pd.sync.their_heads.clone();
+        if let Some(heads) = changed {
+            if let Some(l) = self.docs.get(&doc)? {
+                l.dirty = true;
+                l.pinned = false;
+            }
+            self.on_changed(doc, Origin::Remote(peer.peer_id.clone()), heads, Some(cid));
+        }
+        self.to_sync.insert((cid, doc));
+        if their_heads != before_theirs
+            && let (Some(sid), Some(heads)) = (&peer.storage_id, their_heads)
+        {
+            let new_heads = vec![RemoteHeads {
+                storage_id: sid.clone(),
+                heads: heads
+                    .iter()
+                    .map(|h| bs58::encode(h.0).with_check().into_string())
+                    .collect(),
+                timestamp: self.now as f64,
+            }];
+            self.gossip_heads(Some(cid), doc, new_heads);
+        }
+        Ok(())
+    }
+
+    /// Tell connections subscribed to these stores about their new heads.
+    fn gossip_heads(
+        &mut self,
+        from: Option<ConnectionId>,
+        doc: DocumentId,
+        heads: Vec<RemoteHeads>,
+    ) {
+        let me = self.config.peer_id.clone();
+        let mut frames = Vec::new();
+        for (cid, conn) in &self.conns {
+            if Some(*cid) == from {
+                continue;
+            }
+            let ConnState::Ready(peer) = &conn.state else {
+                continue;
+            };
+            let relevant: Vec<_> = heads
+                .iter()
+                .filter(|h| conn.remote_subs.contains(&h.storage_id))
+                .cloned()
+                .collect();
+            if relevant.is_empty() {
+                continue;
+            }
+            let access = conn
+                .docs
+                .get(&doc)
+                .map_or_else(|| self.policy.access(peer, &doc), |pd| pd.access);
+            if access == Access::None {
+                continue;
+            }
+            frames.push(Output::Send {
+                connection: *cid,
+                frame: Message::RemoteHeadsChanged {
+                    sender_id: me.clone(),
+                    target_id: peer.peer_id.clone(),
+                    document_id: doc,
+                    new_heads: relevant,
+                }
+                .encode(),
+            });
+        }
+        self.outputs.extend(frames);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn receive_ephemeral(
+        &mut self,
+        cid: ConnectionId,
+        peer: &PeerInfo,
+        sender: PeerId,
+        count: u64,
+        session_id: String,
+        doc: DocumentId,
+        data: Vec<u8>,
+    ) {
+        if self.access_for(cid, peer, &doc) == Access::None {
+            return;
+        }
+        let key = (sender.clone(), session_id.clone());
+        if self
+            .ephemeral_seen
+            .get(&key)
+            .is_some_and(|last| count <= *last)
+        {
+            return; // already seen (it reached us by two paths)
+        }
+        self.ephemeral_seen.insert(key, count);
+        let mut frames = Vec::new();
+        for (other, conn) in &self.conns {
+            if *other == cid {
+                continue;
+            }
+            let ConnState::Ready(p) = &conn.state else {
+                continue;
+            };
+            if conn
+                .docs
+                .get(&doc)
+                .is_some_and(|pd| pd.access != Access::None)
+            {
+                frames.push(Output::Send {
+                    connection: *other,
+                    frame: Message::Ephemeral {
+                        sender_id: sender.clone(),
+                        target_id: p.peer_id.clone(),
+                        count,
+                        session_id: session_id.clone(),
+                        document_id: doc,
+                        data: data.clone(),
+                    }
+                    .encode(),
+                });
+            }
+        }
+        self.outputs.extend(frames);
+        self.outputs.push_back(Output::Event(Event::Ephemeral {
+            document: doc,
+            sender,
+            data,
+        }));
+    }
+}
