@@ -325,6 +325,19 @@ impl<S: Storage> Repo<S> {
             .clone()
     }
 
+    /// Whether the peer on `connection` has acknowledged every change we
+    /// have of `document`: the heads it last advertised include ours.
+    pub fn is_acknowledged(
+        &mut self,
+        connection: ConnectionId,
+        document: &DocumentId,
+    ) -> Result<bool, RepoError> {
+        let Some(theirs) = self.remote_heads(connection, document) else {
+            return Ok(false);
+        };
+        Ok(self.heads(document)?.iter().all(|h| theirs.contains(h)))
+    }
+
     // ---- documents -------------------------------------------------------
 
     /// Create a new, empty document with a random id.

@@ -51,7 +51,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -67,6 +67,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::server::now_ms;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -439,11 +441,7 @@ impl<S: Storage + 'static> Client<S> {
                 let Some(conn) = ctx.connection else {
                     return Ok(false);
                 };
-                let Some(theirs) = repo.remote_heads(conn, &doc) else {
-                    return Ok(false);
-                };
-                let ours = repo.heads(&doc)?;
-                Ok(ours.iter().all(|h| theirs.contains(h)))
+                Ok(repo.is_acknowledged(conn, &doc)?)
             })();
             let _ = tx.send(result);
         })))
@@ -495,12 +493,6 @@ impl<S: Storage + 'static> Client<S> {
         self.command(Command::Shutdown(tx)).await?;
         rx.await.map_err(|_| ClientError::Closed)
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `url` with `token=` added to its query.

@@ -91,7 +91,8 @@ enum Input {
     Shutdown,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch (the engine's `now`).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -340,7 +340,7 @@ impl<S: Storage> Repo<S> {
     }
 
     /// The peer's access to a document, asked of the policy once per connection.
-    fn access_for(&mut self, cid: ConnectionId, peer: &PeerInfo, doc: &DocumentId) -> Access {
+    fn access_for(&self, cid: ConnectionId, peer: &PeerInfo, doc: &DocumentId) -> Access {
         match self.conns.get(&cid).and_then(|c| c.docs.get(doc)) {
             Some(pd) => pd.access,
             None => self.policy.access(peer, doc),
@@ -383,27 +383,22 @@ impl<S: Storage> Repo<S> {
                 return Ok(());
             }
         };
-        let exists = self.docs.exists(&doc)?;
-        if !exists {
-            // A storing peer accepts a new document from a writer; a request
-            // for something we do not have is answered at once, and the
-            // requester stays subscribed, so it gets the document as soon as
-            // another peer brings it.
-            if is_request || access != Access::ReadWrite {
-                if !self.conns[&cid].docs.contains_key(&doc) {
-                    let sync = load_sync_state(&self.docs.storage, &doc, peer);
-                    let conn = self.conns.get_mut(&cid).expect("ready connection");
-                    conn.docs.insert(doc, PeerDoc::new(access, sync));
-                }
-                self.doc_unavailable(cid, peer, doc);
-                return Ok(());
-            }
-            self.create_with_id(doc)?;
-        }
+        // The peer takes part in this document from now on (subscribed),
+        // even if we do not have it yet: it gets it as soon as another peer
+        // brings it.
         if !self.conns[&cid].docs.contains_key(&doc) {
             let sync = load_sync_state(&self.docs.storage, &doc, peer);
             let conn = self.conns.get_mut(&cid).expect("ready connection");
             conn.docs.insert(doc, PeerDoc::new(access, sync));
+        }
+        if !self.docs.exists(&doc)? {
+            // A storing peer accepts a new document from a writer; a request
+            // for something we do not have is answered at once.
+            if is_request || access != Access::ReadWrite {
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            self.create_with_id(doc)?;
         }
         let loaded = match self.docs.get(&doc) {
             Ok(Some(l)) => l,
@@ -534,11 +529,7 @@ impl<S: Storage> Repo<S> {
             if relevant.is_empty() {
                 continue;
             }
-            let access = conn
-                .docs
-                .get(&doc)
-                .map_or_else(|| self.policy.access(peer, &doc), |pd| pd.access);
-            if access == Access::None {
+            if self.access_for(*cid, peer, &doc) == Access::None {
                 continue;
             }
             frames.push(Output::Send {

@@ -229,11 +229,7 @@ fn read_vt(repo: &mut Repo<MemoryStorage>, doc: &DocumentId) -> Option<(u64, i64
 }
 
 fn heads_contain(repo: &mut Repo<MemoryStorage>, doc: &DocumentId) -> bool {
-    let Ok(ours) = repo.heads(doc) else {
-        return false;
-    };
-    repo.remote_heads(CONN, doc)
-        .is_some_and(|theirs| ours.iter().all(|h| theirs.contains(h)))
+    repo.is_acknowledged(CONN, doc).unwrap_or(false)
 }
 
 // ---- the writer ----------------------------------------------------------
