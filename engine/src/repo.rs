@@ -543,17 +543,9 @@ impl<S: Storage> Repo<S> {
         }
         let mut persisted_sync = Vec::new();
         for (cid, doc) in std::mem::take(&mut self.sync_state_dirty) {
-            let Some(conn) = self.conns.get(&cid) else {
-                continue;
-            };
-            let ConnState::Ready(peer) = &conn.state else {
-                continue;
-            };
-            let (Some(sid), false) = (&peer.storage_id, peer.ephemeral) else {
-                continue;
-            };
-            if let Some(pd) = conn.docs.get(&doc) {
-                batch.put(sync_state_key(&doc, sid), pd.sync.encode());
+            if let Some(conn) = self.conns.get(&cid)
+                && put_sync_state(conn, &doc, &mut batch)
+            {
                 persisted_sync.push((cid, doc));
             }
         }
@@ -678,9 +670,30 @@ fn sync_state_key(doc: &DocumentId, sid: &StorageId) -> StorageKey {
     StorageKey::from_trusted(parts)
 }
 
+/// The store whose sync state with us is worth keeping: the peer's, if it
+/// has one and is not ephemeral.
+fn persistent_store(peer: &PeerInfo) -> Option<&StorageId> {
+    peer.storage_id.as_ref().filter(|_| !peer.ephemeral)
+}
+
+/// Add the persistent part of `conn`'s sync state for `doc` to `batch`, if
+/// its peer keeps a store; whether anything was added.
+fn put_sync_state(conn: &Connection, doc: &DocumentId, batch: &mut WriteBatch) -> bool {
+    let ConnState::Ready(peer) = &conn.state else {
+        return false;
+    };
+    match (persistent_store(peer), conn.docs.get(doc)) {
+        (Some(sid), Some(pd)) => {
+            batch.put(sync_state_key(doc, sid), pd.sync.encode());
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The persisted sync state with this peer's store, or a fresh one.
 fn load_sync_state<S: Storage>(storage: &S, doc: &DocumentId, peer: &PeerInfo) -> sync::State {
-    let (Some(sid), false) = (&peer.storage_id, peer.ephemeral) else {
+    let Some(sid) = persistent_store(peer) else {
         return sync::State::new();
     };
     match storage.get(&sync_state_key(doc, sid)) {

@@ -7,7 +7,7 @@ use automerge::AutomergeError;
 use automerge::sync::{self, SyncDoc};
 
 use super::connection::{ConnState, Connection, PeerDoc};
-use super::{Direction, Event, Millis, Output, Repo, load_sync_state, sync_state_key};
+use super::{Direction, Event, Millis, Output, Repo, load_sync_state, put_sync_state};
 use crate::documents::panic_message;
 use crate::error::{DecodeError, RepoError};
 use crate::feed::Origin;
@@ -62,20 +62,14 @@ impl<S: Storage> Repo<S> {
     fn forget_connection(&mut self, id: ConnectionId, conn: Connection) {
         self.to_sync.retain(|(c, _)| *c != id);
         // Persist what the sync states learned before forgetting them.
-        if let ConnState::Ready(peer) = &conn.state
-            && let (Some(sid), false) = (&peer.storage_id, peer.ephemeral)
+        let mut batch = WriteBatch::new();
+        for (_, doc) in self.sync_state_dirty.iter().filter(|(c, _)| *c == id) {
+            put_sync_state(&conn, doc, &mut batch);
+        }
+        if !batch.is_empty()
+            && let Err(e) = self.docs.storage.commit(&batch)
         {
-            let mut batch = WriteBatch::new();
-            for (_, doc) in self.sync_state_dirty.iter().filter(|(c, _)| *c == id) {
-                if let Some(pd) = conn.docs.get(doc) {
-                    batch.put(sync_state_key(doc, sid), pd.sync.encode());
-                }
-            }
-            if !batch.is_empty()
-                && let Err(e) = self.docs.storage.commit(&batch)
-            {
-                tracing::warn!(error = %e, "could not persist sync states on disconnect");
-            }
+            tracing::warn!(error = %e, "could not persist sync states on disconnect");
         }
         self.sync_state_dirty.retain(|(c, _)| *c != id);
         let peer_id = match conn.state {
