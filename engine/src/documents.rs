@@ -137,6 +137,12 @@ impl<S: Storage> Documents<S> {
         self.quarantined.remove(id).is_some()
     }
 
+    /// Drop the document from memory, unsaved changes included (purge).
+    pub(crate) fn forget(&mut self, id: &DocumentId) {
+        self.loaded.remove(id);
+        self.quarantined.remove(id);
+    }
+
     /// Whether the document is in memory or in storage.
     pub(crate) fn exists(&self, id: &DocumentId) -> Result<bool, StorageError> {
         if self.loaded.contains_key(id) {

@@ -50,6 +50,13 @@ pub enum RepoError {
     /// An automerge operation inside a change failed; the change was rolled back.
     #[error("automerge: {0}")]
     Automerge(#[from] automerge::AutomergeError),
+    /// The document was purged from this store (see [`crate::Repo::purge`]);
+    /// it is not recreated.
+    #[error("document {0} was purged from this store")]
+    Purged(DocumentId),
+    /// Bytes offered as an automerge change do not decode as one.
+    #[error("invalid automerge change: {0}")]
+    InvalidChange(String),
     /// The connection id is not known or already closed.
     #[error("unknown connection {0}")]
     UnknownConnection(ConnectionId),
@@ -87,4 +94,63 @@ pub enum DecodeError {
     /// The `type` is not one this protocol knows.
     #[error("unknown message type {0:?}")]
     UnknownType(String),
+}
+
+/// An error from the row layer ([`crate::rows`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RowError {
+    /// The repo or its storage failed.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    /// No live row has this key (never inserted, or deleted).
+    #[error("no row {key:?} in table {table:?}")]
+    NotFound {
+        /// The table.
+        table: String,
+        /// The key.
+        key: String,
+    },
+    /// Insert of a key that has a live row; use upsert or update.
+    #[error("row {key:?} already exists in table {table:?} (use upsert or update)")]
+    AlreadyExists {
+        /// The table.
+        table: String,
+        /// The key.
+        key: String,
+    },
+    /// The row was purged here and its catalog has not moved past it yet.
+    #[error("row {key:?} of table {table:?} was purged")]
+    Purged {
+        /// The table.
+        table: String,
+        /// The key.
+        key: String,
+    },
+    /// A counter or text operation on a column of another kind.
+    #[error("column {column:?} of table {table:?} is a {found:?} column, not {expected:?}")]
+    WrongColumnKind {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// What the operation needs.
+        expected: crate::rows::ColumnKind,
+        /// What the schema says.
+        found: crate::rows::ColumnKind,
+    },
+    /// A column name or value the table cannot take.
+    #[error("invalid column {column:?}: {reason}")]
+    InvalidColumn {
+        /// The column.
+        column: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl From<StorageError> for RowError {
+    fn from(e: StorageError) -> Self {
+        RowError::Repo(RepoError::Storage(e))
+    }
 }

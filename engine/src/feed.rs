@@ -44,6 +44,9 @@ pub struct FeedEvent {
     pub origin: Origin,
     /// The document's heads after the change.
     pub heads: Vec<ChangeHash>,
+    /// The document's heads before the change (empty for a new document,
+    /// and for entries written before this field existed).
+    pub before: Vec<ChangeHash>,
 }
 
 pub(crate) fn feed_key(seq: u64) -> StorageKey {
@@ -58,13 +61,14 @@ fn cursor_key(consumer: &str) -> Result<StorageKey, StorageError> {
     StorageKey::new(["~cursor", consumer])
 }
 
-/// Version byte of the feed entry encoding.
+/// Version bytes of the feed entry encoding: v1 had no `before` heads.
 const ENTRY_V1: u8 = 1;
+const ENTRY_V2: u8 = 2;
 
 impl FeedEvent {
     /// A compact fixed layout (this is written once per commit, on the hot
-    /// path): `[1][doc: 16][origin len: u16 BE][origin][head count: u16 BE][heads: 32 each]`,
-    /// origin length 0 meaning local.
+    /// path): `[2][doc: 16][origin len: u16 BE][origin][head count: u16 BE][heads: 32 each]
+    /// [before count: u16 BE][before heads: 32 each]`, origin length 0 meaning local.
     pub(crate) fn encode(&self) -> Vec<u8> {
         let origin = match &self.origin {
             Origin::Local => "",
@@ -72,14 +76,19 @@ impl FeedEvent {
         };
         let origin = &origin.as_bytes()[..origin.len().min(u16::MAX as usize)];
         let heads = &self.heads[..self.heads.len().min(u16::MAX as usize)];
-        let mut out = Vec::with_capacity(1 + 16 + 2 + origin.len() + 2 + 32 * heads.len());
-        out.push(ENTRY_V1);
+        let before = &self.before[..self.before.len().min(u16::MAX as usize)];
+        let mut out = Vec::with_capacity(
+            1 + 16 + 2 + origin.len() + 2 + 32 * heads.len() + 2 + 32 * before.len(),
+        );
+        out.push(ENTRY_V2);
         out.extend_from_slice(self.document.as_bytes());
         out.extend_from_slice(&(origin.len() as u16).to_be_bytes());
         out.extend_from_slice(origin);
-        out.extend_from_slice(&(heads.len() as u16).to_be_bytes());
-        for h in heads {
-            out.extend_from_slice(&h.0);
+        for list in [heads, before] {
+            out.extend_from_slice(&(list.len() as u16).to_be_bytes());
+            for h in list {
+                out.extend_from_slice(&h.0);
+            }
         }
         out
     }
@@ -95,7 +104,8 @@ impl FeedEvent {
             *bytes = tail;
             Ok(head)
         };
-        if take(1)? != [ENTRY_V1] {
+        let version = take(1)?[0];
+        if version != ENTRY_V1 && version != ENTRY_V2 {
             return Err(corrupt("unknown encoding version"));
         }
         let document = DocumentId::try_from_slice(take(16)?).map_err(|_| corrupt("bad doc"))?;
@@ -105,15 +115,24 @@ impl FeedEvent {
             Ok(peer) => Origin::Remote(PeerId::new(peer)),
             Err(_) => return Err(corrupt("origin is not UTF-8")),
         };
-        let count = u16::from_be_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
-        let heads = (0..count)
-            .map(|_| take(32).map(|h| ChangeHash(h.try_into().expect("32 bytes"))))
-            .collect::<Result<_, _>>()?;
+        let mut hash_list = || -> Result<Vec<ChangeHash>, StorageError> {
+            let count = u16::from_be_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+            (0..count)
+                .map(|_| take(32).map(|h| ChangeHash(h.try_into().expect("32 bytes"))))
+                .collect()
+        };
+        let heads = hash_list()?;
+        let before = if version == ENTRY_V2 {
+            hash_list()?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             seq,
             document,
             origin,
             heads,
+            before,
         })
     }
 }
@@ -236,6 +255,7 @@ mod tests {
             document: DocumentId::from_bytes([1; 16]),
             origin: Origin::Remote(PeerId::new("p")),
             heads: vec![ChangeHash([3; 32])],
+            before: vec![ChangeHash([2; 32]), ChangeHash([1; 32])],
         };
         let local = FeedEvent {
             seq: 5,

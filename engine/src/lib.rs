@@ -79,12 +79,13 @@ mod peer;
 mod policy;
 pub mod protocol;
 mod repo;
+pub mod rows;
 pub mod storage;
 
 pub use automerge::{self, Automerge};
 pub use document_id::{AutomergeUrl, DocumentId, ParseIdError, URL_PREFIX};
 pub use documents::DocumentsConfig;
-pub use error::{DecodeError, RepoError, StorageError};
+pub use error::{DecodeError, RepoError, RowError, StorageError};
 pub use feed::{ChangeFeed, Cursor, FeedEvent, Origin};
 pub use link::{LinkReport, sync_in_process};
 pub use peer::{ConnectionId, PeerId, PeerInfo, StorageId};

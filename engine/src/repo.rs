@@ -136,6 +136,14 @@ pub enum Event {
         /// What it sent that was wrong.
         error: String,
     },
+    /// A peer sent changes to a document this store purged; they were not
+    /// applied, so the purged document is not resurrected.
+    PurgedDocumentUpdate {
+        /// The document.
+        document: DocumentId,
+        /// Who sent them.
+        peer_id: PeerId,
+    },
     /// A panic inside automerge was contained; the document is out of service
     /// until [`Repo::release_quarantine`] and everything else keeps working.
     Quarantined {
@@ -164,6 +172,7 @@ struct PendingCommit {
     document: DocumentId,
     origin: Origin,
     heads: Vec<ChangeHash>,
+    before: Vec<ChangeHash>,
 }
 
 /// A document store and protocol endpoint. See the [module docs](self).
@@ -201,6 +210,10 @@ impl<S: Storage> std::fmt::Debug for Repo<S> {
 }
 
 const STORAGE_ID_KEY: &str = "storage-id";
+
+fn purge_key(id: &DocumentId) -> StorageKey {
+    StorageKey::from_trusted(vec!["~purged".into(), id.to_string()])
+}
 
 impl<S: Storage> Repo<S> {
     /// Open a repo over `storage`. Reads two small metadata keys, whatever the
@@ -354,6 +367,9 @@ impl<S: Storage> Repo<S> {
         if self.docs.exists(&id)? {
             return Err(RepoError::AlreadyExists(id));
         }
+        if self.purge_marker(&id)?.is_some() {
+            return Err(RepoError::Purged(id));
+        }
         self.insert_empty(id);
         Ok(())
     }
@@ -384,7 +400,7 @@ impl<S: Storage> Repo<S> {
                 Ok(r) => {
                     loaded.doc.commit();
                     let after = loaded.doc.get_heads();
-                    Ok((r, (after != before).then_some(after)))
+                    Ok((r, (after != before).then_some((before, after))))
                 }
                 Err(e) => {
                     loaded.doc.rollback();
@@ -394,10 +410,10 @@ impl<S: Storage> Repo<S> {
         }));
         match outcome {
             Ok(Ok((r, changed))) => {
-                if let Some(heads) = changed {
+                if let Some((before, heads)) = changed {
                     loaded.dirty = true;
                     loaded.pinned = false;
-                    self.on_changed(*id, Origin::Local, heads, None);
+                    self.on_changed(*id, Origin::Local, before, heads, None);
                 }
                 Ok(r)
             }
@@ -453,6 +469,130 @@ impl<S: Storage> Repo<S> {
         Ok(())
     }
 
+    /// Physically remove a document: every stored key of it (snapshot,
+    /// incrementals, sync states) goes, in one durable transaction that also
+    /// writes `marker` under `["~purged", id]`. From then on the repo refuses
+    /// the id: creating or requesting it fails with [`RepoError::Purged`], and
+    /// a peer that sends changes for it is answered `doc-unavailable` and
+    /// reported as [`Event::PurgedDocumentUpdate`]. Unflushed local changes
+    /// to the document are dropped with it.
+    pub fn purge(&mut self, id: &DocumentId, marker: Vec<u8>) -> Result<(), RepoError> {
+        let mut batch = WriteBatch::new();
+        let prefix = crate::documents::doc_prefix(id);
+        let mut after: Option<StorageKey> = None;
+        loop {
+            let page = self.docs.storage.scan(&prefix, after.as_ref(), 256)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, _) in page {
+                batch.delete(key);
+            }
+        }
+        batch.put(purge_key(id), marker);
+        self.docs.storage.commit(&batch)?;
+        self.docs.forget(id);
+        self.pending.retain(|p| p.document != *id);
+        self.to_sync.retain(|(_, d)| d != id);
+        self.sync_state_dirty.retain(|(_, d)| d != id);
+        self.active.remove(id);
+        self.wanted.remove(id);
+        for conn in self.conns.values_mut() {
+            conn.docs.remove(id);
+        }
+        Ok(())
+    }
+
+    /// The changes of a document that a store whose heads are `have` lacks,
+    /// encoded (the Acquire step of a replication link). Hashes in `have`
+    /// that this store does not know are ignored, so the result may repeat
+    /// changes the other store already has; applying them again is a no-op.
+    pub fn changes_since(
+        &mut self,
+        id: &DocumentId,
+        have: &[ChangeHash],
+    ) -> Result<Vec<Vec<u8>>, RepoError> {
+        self.view(id, |d| {
+            let known: Vec<ChangeHash> = have
+                .iter()
+                .filter(|h| automerge::ReadDoc::get_change_by_hash(d, h).is_some())
+                .copied()
+                .collect();
+            d.get_changes(&known)
+                .into_iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect()
+        })
+    }
+
+    /// Apply encoded changes received from `from` (the Write step of a
+    /// replication link): the document is created if new, the commit is
+    /// recorded in the change feed as remote, and it is durable at the next
+    /// flush. Changes already present are ignored. A purged document is
+    /// refused with [`RepoError::Purged`] and reported as
+    /// [`Event::PurgedDocumentUpdate`].
+    pub fn apply_changes(
+        &mut self,
+        id: &DocumentId,
+        changes: &[Vec<u8>],
+        from: &PeerId,
+    ) -> Result<bool, RepoError> {
+        if !self.docs.exists(id)? {
+            if self.purge_marker(id)?.is_some() {
+                self.outputs
+                    .push_back(Output::Event(Event::PurgedDocumentUpdate {
+                        document: *id,
+                        peer_id: from.clone(),
+                    }));
+                return Err(RepoError::Purged(*id));
+            }
+            self.insert_empty(*id);
+        }
+        let mut decoded = Vec::with_capacity(changes.len());
+        for bytes in changes {
+            let change = automerge::Change::from_bytes(bytes.clone())
+                .map_err(|e| RepoError::InvalidChange(e.to_string()))?;
+            decoded.push(change);
+        }
+        let loaded = self.docs.get(id)?.ok_or(RepoError::NotFound(*id))?;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let before = loaded.doc.get_heads();
+            loaded.doc.apply_changes(decoded)?;
+            let after = loaded.doc.get_heads();
+            Ok::<_, AutomergeError>((after != before).then_some((before, after)))
+        }));
+        match outcome {
+            Ok(Ok(Some((before, heads)))) => {
+                loaded.dirty = true;
+                loaded.pinned = false;
+                self.on_changed(*id, Origin::Remote(from.clone()), before, heads, None);
+                Ok(true)
+            }
+            Ok(Ok(None)) => Ok(false),
+            Ok(Err(e)) => Err(RepoError::Automerge(e)),
+            Err(panic) => Err(self.quarantine(*id, panic_message(panic))),
+        }
+    }
+
+    /// The heads of `id` that the store `storage_id` is known to have, from
+    /// the sync state persisted with it (what it acknowledged), if any.
+    pub fn acknowledged_heads(
+        &self,
+        id: &DocumentId,
+        storage_id: &StorageId,
+    ) -> Result<Option<Vec<ChangeHash>>, RepoError> {
+        match self.docs.storage.get(&sync_state_key(id, storage_id))? {
+            None => Ok(None),
+            Some(bytes) => Ok(sync::State::decode(&bytes)
+                .ok()
+                .map(|state| state.shared_heads)),
+        }
+    }
+
+    /// The marker [`purge`](Self::purge) left for a document, if it was purged.
+    pub fn purge_marker(&self, id: &DocumentId) -> Result<Option<Vec<u8>>, RepoError> {
+        Ok(self.docs.storage.get(&purge_key(id))?)
+    }
+
     /// Remember a document touched this session, to offer it to peers that
     /// connect later (only if the policy ever announces anything).
     fn touch(&mut self, id: DocumentId) {
@@ -485,6 +625,7 @@ impl<S: Storage> Repo<S> {
         &mut self,
         id: DocumentId,
         origin: Origin,
+        before: Vec<ChangeHash>,
         heads: Vec<ChangeHash>,
         from: Option<ConnectionId>,
     ) {
@@ -494,6 +635,7 @@ impl<S: Storage> Repo<S> {
             document: id,
             origin,
             heads,
+            before,
         });
         for (cid, conn) in &self.conns {
             if Some(*cid) == from {
@@ -534,6 +676,7 @@ impl<S: Storage> Repo<S> {
                 document: p.document,
                 origin: p.origin,
                 heads: p.heads,
+                before: p.before,
             };
             block.extend(event.encode());
             events.push(event);

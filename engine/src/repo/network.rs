@@ -385,6 +385,18 @@ impl<S: Storage> Repo<S> {
             let conn = self.conns.get_mut(&cid).expect("ready connection");
             conn.docs.insert(doc, PeerDoc::new(access, sync));
         }
+        if !self.docs.exists(&doc)? && self.purge_marker(&doc)?.is_some() {
+            if !message.changes.is_empty() {
+                tracing::warn!(document = %doc, peer = %peer.peer_id, "update to a purged document refused");
+                self.outputs
+                    .push_back(Output::Event(Event::PurgedDocumentUpdate {
+                        document: doc,
+                        peer_id: peer.peer_id.clone(),
+                    }));
+            }
+            self.doc_unavailable(cid, peer, doc);
+            return Ok(());
+        }
         if !self.docs.exists(&doc)? {
             // A storing peer accepts a new document from a writer; a request
             // for something we do not have is answered at once.
@@ -430,7 +442,7 @@ impl<S: Storage> Repo<S> {
                 .sync()
                 .receive_sync_message(&mut pd.sync, message)?;
             let after = loaded.doc.get_heads();
-            Ok::<_, AutomergeError>((after != before).then_some(after))
+            Ok::<_, AutomergeError>((after != before).then_some((before, after)))
         }));
         let changed = match result {
             Ok(Ok(changed)) => {
@@ -475,12 +487,13 @@ impl<S: Storage> Repo<S> {
             self.sync_state_dirty.insert((cid, doc));
         }
         let their_heads = pd.sync.their_heads.clone();
-        if let Some(heads) = changed {
+        if let Some((before, heads)) = changed {
             if let Some(l) = self.docs.get(&doc)? {
                 l.dirty = true;
                 l.pinned = false;
             }
-            self.on_changed(doc, Origin::Remote(peer.peer_id.clone()), heads, Some(cid));
+            let origin = Origin::Remote(peer.peer_id.clone());
+            self.on_changed(doc, origin, before, heads, Some(cid));
         }
         self.to_sync.insert((cid, doc));
         if their_heads != before_theirs

@@ -1,0 +1,98 @@
+//! Discovery: which rows a table has, spread over catalog documents.
+//!
+//! A table's row index is `shards` catalog documents (ids derived from the
+//! table name and shard number, so every replica knows them without being
+//! told). Each holds `{"_table", "_shard", "rows": {key: generation}}`; a
+//! key lives in the shard its row id hashes to, so a 100,000-row table is
+//! spread over many small documents instead of one hot one. The `rows` map
+//! is created by a deterministic change, so catalogs created on two offline
+//! replicas merge into one map. The generation counts purges of the key: a
+//! key inserted again after its row was purged gets a new row document.
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value as AmValue};
+
+use super::document::{deterministic_change, digest, row_id};
+use crate::DocumentId;
+
+pub(crate) const ROWS: &str = "rows";
+
+/// The catalog document of one shard of a table.
+pub(crate) fn shard_id(table: &str, shard: u32) -> DocumentId {
+    let bytes = digest(&["tandem/catalog", table, &shard.to_string()]);
+    DocumentId::from_bytes(bytes[..16].try_into().expect("16 bytes"))
+}
+
+/// The shard a key's entry lives in.
+pub(crate) fn shard_of(table: &str, key: &str, shards: u32) -> u32 {
+    let id = row_id(table, key, 0);
+    let b = id.as_bytes();
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]]) % shards.max(1)
+}
+
+/// The change that creates a shard's catalog (the same bytes everywhere).
+pub(crate) fn genesis(table: &str, shard: u32) -> Change {
+    let shard_text = shard.to_string();
+    deterministic_change(&["tandem/catalog-genesis", table, &shard_text], |d| {
+        d.put(ROOT, "_table", table)?;
+        d.put(ROOT, "_shard", u64::from(shard))?;
+        d.put_object(ROOT, ROWS, ObjType::Map)?;
+        Ok(())
+    })
+}
+
+/// The `rows` map of a catalog document, if it has one.
+pub(crate) fn rows_map(doc: &impl ReadDoc) -> Option<ObjId> {
+    match doc.get(ROOT, ROWS).ok().flatten() {
+        Some((AmValue::Object(ObjType::Map), id)) => Some(id),
+        _ => None,
+    }
+}
+
+fn as_generation(v: &AmValue<'_>) -> Option<u64> {
+    match v {
+        AmValue::Scalar(s) => match s.as_ref() {
+            ScalarValue::Uint(u) => Some(*u),
+            ScalarValue::Int(i) => u64::try_from(*i).ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The key's current generation (the highest of concurrent entries), if
+/// the catalog lists it.
+pub(crate) fn generation(doc: &impl ReadDoc, key: &str) -> Option<u64> {
+    let rows = rows_map(doc)?;
+    doc.get_all(&rows, key)
+        .ok()?
+        .iter()
+        .filter_map(|(v, _)| as_generation(v))
+        .max()
+}
+
+/// Every key the catalog lists, with its generation.
+pub(crate) fn entries(doc: &impl ReadDoc) -> Vec<(String, u64)> {
+    let Some(rows) = rows_map(doc) else {
+        return Vec::new();
+    };
+    doc.keys(&rows)
+        .filter_map(|k| generation(doc, &k).map(|g| (k, g)))
+        .collect()
+}
+
+/// List `key` at `generation` (creating the shard's map first if needed).
+pub(crate) fn put(
+    d: &mut AutoCommit,
+    table: &str,
+    shard: u32,
+    key: &str,
+    generation: u64,
+) -> Result<(), automerge::AutomergeError> {
+    if rows_map(d).is_none() {
+        d.apply_changes([genesis(table, shard)])?;
+    }
+    let rows = rows_map(d).expect("genesis creates the map");
+    d.put(&rows, key, generation)?;
+    Ok(())
+}

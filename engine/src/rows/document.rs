@@ -1,0 +1,323 @@
+//! How a row is laid out in its automerge document (docs/patterns.md has the
+//! schema for other automerge clients):
+//!
+//! ```text
+//! { "_table": "tasks", "_key": "t1",          // which row this is
+//!   "_deleted": { "at": 17.., "n": 0, "by": "<storage id>" },  // only when deleted
+//!   "title": { "value": "buy milk", "at": 17.., "n": 0, "by": "<storage id>" },  // register
+//!   "votes": Counter,                          // counter column
+//!   "notes": Text }                            // collaborative text column
+//! ```
+//!
+//! A register write puts a new map at the column's key, so concurrent writes
+//! survive side by side as automerge conflicts and the read resolves them by
+//! the table's strategy. Counter and text objects are created by a change
+//! that is the same bytes on every replica (fixed actor derived from the row
+//! and column, no dependencies, time 0): two replicas that create the same
+//! row offline share those objects, so their increments and edits merge
+//! instead of one object hiding the other.
+
+use std::collections::BTreeMap;
+
+use automerge::transaction::Transactable;
+use automerge::{
+    ActorId, AutoCommit, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, Value as AmValue,
+};
+use sha2::{Digest, Sha256};
+
+use super::{ColumnKind, Row, TableSchema, Timestamp, Value, Version};
+use crate::DocumentId;
+
+pub(crate) const TABLE: &str = "_table";
+pub(crate) const KEY: &str = "_key";
+pub(crate) const DELETED: &str = "_deleted";
+
+/// A fixed-size digest of labelled parts (NUL-separated).
+pub(crate) fn digest(parts: &[&str]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().into()
+}
+
+/// The document id of a row: the same on every replica for the same table,
+/// key and generation (a generation starts after each purge of the key).
+pub(crate) fn row_id(table: &str, key: &str, generation: u64) -> DocumentId {
+    let bytes = if generation == 0 {
+        digest(&["tandem/row", table, key])
+    } else {
+        digest(&["tandem/row", table, key, &generation.to_string()])
+    };
+    DocumentId::from_bytes(bytes[..16].try_into().expect("16 bytes"))
+}
+
+/// A change made by a fixed actor, with no dependencies and time 0: the same
+/// bytes wherever it is built.
+pub(crate) fn deterministic_change(
+    label: &[&str],
+    build: impl FnOnce(&mut AutoCommit) -> Result<(), automerge::AutomergeError>,
+) -> Change {
+    let actor = ActorId::from(&digest(label)[..16]);
+    let mut doc = AutoCommit::new().with_actor(actor);
+    build(&mut doc).expect("building on an empty document cannot fail");
+    doc.commit();
+    doc.get_last_local_change()
+        .expect("the change was just made")
+}
+
+/// The change that creates a counter or text column of a row.
+pub(crate) fn column_change(row: &DocumentId, column: &str, kind: ColumnKind) -> Change {
+    let id = row.to_string();
+    deterministic_change(&["tandem/column", &id, column], |d| {
+        match kind {
+            ColumnKind::Counter => d.put(ROOT, column, automerge::ScalarValue::counter(0))?,
+            ColumnKind::Text => {
+                d.put_object(ROOT, column, ObjType::Text)?;
+            }
+            ColumnKind::Register => {}
+        }
+        Ok(())
+    })
+}
+
+/// Counter and text columns the schema declares that the document lacks.
+pub(crate) fn missing_columns(
+    doc: &impl ReadDoc,
+    row: &DocumentId,
+    schema: &TableSchema,
+) -> Vec<Change> {
+    schema
+        .crdt_columns()
+        .filter(|(c, _)| doc.get(ROOT, *c).ok().flatten().is_none())
+        .map(|(c, k)| column_change(row, c, k))
+        .collect()
+}
+
+/// Read values at the current state (`at == None`) or at past heads.
+pub(crate) struct At<'a>(pub Option<&'a [ChangeHash]>);
+
+impl At<'_> {
+    fn get_all<'d>(
+        &self,
+        doc: &'d impl ReadDoc,
+        obj: &ObjId,
+        prop: &str,
+    ) -> Vec<(AmValue<'d>, ObjId)> {
+        match self.0 {
+            None => doc.get_all(obj, prop),
+            Some(h) => doc.get_all_at(obj, prop, h),
+        }
+        .unwrap_or_default()
+    }
+
+    fn keys(&self, doc: &impl ReadDoc) -> Vec<String> {
+        match self.0 {
+            None => doc.keys(ROOT).collect(),
+            Some(h) => doc.keys_at(ROOT, h).collect(),
+        }
+    }
+
+    fn scalar(
+        &self,
+        doc: &impl ReadDoc,
+        obj: &ObjId,
+        prop: &str,
+    ) -> Option<automerge::ScalarValue> {
+        match self.get_all(doc, obj, prop).into_iter().next() {
+            Some((AmValue::Scalar(s), _)) => Some(s.into_owned()),
+            _ => None,
+        }
+    }
+
+    fn text(&self, doc: &impl ReadDoc, obj: &ObjId) -> String {
+        match self.0 {
+            None => doc.text(obj),
+            Some(h) => doc.text_at(obj, h),
+        }
+        .unwrap_or_default()
+    }
+}
+
+fn timestamp_of(doc: &impl ReadDoc, at: &At<'_>, obj: &ObjId) -> Option<Timestamp> {
+    let millis = match at.scalar(doc, obj, "at")? {
+        automerge::ScalarValue::Uint(u) => u,
+        automerge::ScalarValue::Int(i) => u64::try_from(i).ok()?,
+        _ => return None,
+    };
+    let counter = match at.scalar(doc, obj, "n")? {
+        automerge::ScalarValue::Uint(u) => u32::try_from(u).ok()?,
+        automerge::ScalarValue::Int(i) => u32::try_from(i).ok()?,
+        _ => return None,
+    };
+    let replica = match at.scalar(doc, obj, "by")? {
+        automerge::ScalarValue::Str(s) => s.to_string(),
+        _ => return None,
+    };
+    Some(Timestamp {
+        millis,
+        counter,
+        replica,
+    })
+}
+
+fn put_timestamp(
+    d: &mut AutoCommit,
+    obj: &ObjId,
+    ts: &Timestamp,
+) -> Result<(), automerge::AutomergeError> {
+    d.put(obj, "at", ts.millis)?;
+    d.put(obj, "n", u64::from(ts.counter))?;
+    d.put(obj, "by", ts.replica.as_str())?;
+    Ok(())
+}
+
+/// Write a register: a new map at the column's key, superseding every
+/// version this replica has seen.
+pub(crate) fn put_register(
+    d: &mut AutoCommit,
+    column: &str,
+    value: &Value,
+    ts: &Timestamp,
+) -> Result<(), automerge::AutomergeError> {
+    let obj = d.put_object(ROOT, column, ObjType::Map)?;
+    d.put(&obj, "value", value.to_scalar())?;
+    put_timestamp(d, &obj, ts)
+}
+
+/// Flag the row deleted.
+pub(crate) fn put_deleted(
+    d: &mut AutoCommit,
+    ts: &Timestamp,
+) -> Result<(), automerge::AutomergeError> {
+    let obj = d.put_object(ROOT, DELETED, ObjType::Map)?;
+    put_timestamp(d, &obj, ts)
+}
+
+/// The concurrent versions of a register column, oldest first.
+pub(crate) fn versions(doc: &impl ReadDoc, at: &At<'_>, column: &str) -> Vec<Version> {
+    let mut out: Vec<Version> = at
+        .get_all(doc, &ROOT, column)
+        .into_iter()
+        .filter_map(|(v, obj)| match v {
+            AmValue::Object(ObjType::Map) => {
+                let value = at
+                    .scalar(doc, &obj, "value")
+                    .and_then(|s| Value::from_scalar(&s))?;
+                Some(Version {
+                    value,
+                    at: timestamp_of(doc, at, &obj)?,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    out.sort_by(|a, b| a.at.cmp(&b.at));
+    out
+}
+
+/// The state of a row document at a point in its history.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RowState {
+    pub table: Option<String>,
+    pub key: Option<String>,
+    pub deleted: Option<Timestamp>,
+}
+
+impl RowState {
+    pub fn live(&self) -> bool {
+        self.table.is_some() && self.deleted.is_none()
+    }
+}
+
+pub(crate) fn state(doc: &impl ReadDoc, at: &At<'_>) -> RowState {
+    let text = |prop| match at.scalar(doc, &ROOT, prop) {
+        Some(automerge::ScalarValue::Str(s)) => Some(s.to_string()),
+        _ => None,
+    };
+    let deleted = at
+        .get_all(doc, &ROOT, DELETED)
+        .into_iter()
+        .filter_map(|(_, obj)| timestamp_of(doc, at, &obj))
+        .max();
+    // A delete flag without a readable timestamp still deletes.
+    let deleted = deleted.or_else(|| {
+        (!at.get_all(doc, &ROOT, DELETED).is_empty()).then(|| Timestamp {
+            millis: 0,
+            counter: 0,
+            replica: String::new(),
+        })
+    });
+    RowState {
+        table: text(TABLE),
+        key: text(KEY),
+        deleted,
+    }
+}
+
+/// The latest timestamp anywhere in the row (registers and delete flag).
+pub(crate) fn latest_timestamp(doc: &impl ReadDoc) -> Option<Timestamp> {
+    let at = At(None);
+    let mut latest = state(doc, &at).deleted;
+    for key in at.keys(doc) {
+        if let Some(v) = versions(doc, &at, &key).pop() {
+            latest = latest.max(Some(v.at));
+        }
+    }
+    latest
+}
+
+/// The user columns present (not the `_` metadata keys).
+pub(crate) fn columns(doc: &impl ReadDoc, at: &At<'_>) -> Vec<String> {
+    at.keys(doc)
+        .into_iter()
+        .filter(|k| !k.starts_with('_'))
+        .collect()
+}
+
+/// One column's value and, for registers, its concurrent versions.
+pub(crate) fn cell(
+    doc: &impl ReadDoc,
+    at: &At<'_>,
+    schema: &TableSchema,
+    column: &str,
+) -> (Option<Value>, Vec<Version>) {
+    let Some((value, obj)) = at.get_all(doc, &ROOT, column).into_iter().next_back() else {
+        return (None, Vec::new());
+    };
+    match value {
+        AmValue::Object(ObjType::Text) => (Some(Value::String(at.text(doc, &obj))), Vec::new()),
+        AmValue::Scalar(s) => (Value::from_scalar(&s), Vec::new()),
+        AmValue::Object(ObjType::Map) => {
+            let versions = versions(doc, at, column);
+            let value = schema.strategy_for(column).resolve(column, &versions);
+            (value, versions)
+        }
+        AmValue::Object(_) => (None, Vec::new()),
+    }
+}
+
+/// The row as the application sees it, or `None` if it is not a live row.
+pub(crate) fn read(doc: &impl ReadDoc, at: &At<'_>, schema: &TableSchema) -> Option<Row> {
+    let st = state(doc, at);
+    if !st.live() {
+        return None;
+    }
+    let mut values = BTreeMap::new();
+    let mut conflicts = BTreeMap::new();
+    for column in columns(doc, at) {
+        let (value, versions) = cell(doc, at, schema, &column);
+        if let Some(v) = value {
+            values.insert(column.clone(), v);
+        }
+        if versions.len() > 1 {
+            conflicts.insert(column, versions);
+        }
+    }
+    Some(Row {
+        key: st.key.unwrap_or_default(),
+        values,
+        conflicts,
+    })
+}

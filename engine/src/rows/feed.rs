@@ -1,0 +1,172 @@
+//! Change data capture for rows: the durable change feed, read as row events.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::{Prop, ReadDoc};
+
+use super::document::{self, At};
+use super::{Rows, Value, Version};
+use crate::error::{RepoError, RowError};
+use crate::feed::{Cursor, FeedEvent, Origin};
+use crate::storage::Storage;
+
+/// What happened to a row.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RowChange {
+    /// The row appeared (first insert, or revived after a delete).
+    Inserted,
+    /// Some columns changed.
+    Updated,
+    /// The row was flagged deleted.
+    Deleted,
+    /// A register has concurrent versions after this commit; `resolved` is
+    /// the value the column's strategy picked (`None` for multi-value, which
+    /// waits for the application). Emitted for every automatic resolution.
+    Conflict {
+        /// The column.
+        column: String,
+        /// The competing versions, oldest first.
+        versions: Vec<Version>,
+        /// The value in force.
+        resolved: Option<Value>,
+    },
+}
+
+/// One row-level change, from the change feed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowEvent {
+    /// The feed sequence number of the commit (resume after it).
+    pub seq: u64,
+    /// The table.
+    pub table: String,
+    /// The row's key.
+    pub key: String,
+    /// What happened.
+    pub change: RowChange,
+    /// For inserts and updates: the changed columns and their values after
+    /// the commit (`None`: the column was removed, or is an unresolved
+    /// multi-value register).
+    pub columns: BTreeMap<String, Option<Value>>,
+    /// Who made the change.
+    pub origin: Origin,
+}
+
+impl<S: Storage> Rows<S> {
+    /// Row events of up to `limit` feed entries after `after`, and the cursor
+    /// to resume from (save it once the events are processed; processing an
+    /// event twice must be harmless, as upserts and deletes by key are).
+    pub fn changes(
+        &mut self,
+        after: Cursor,
+        limit: usize,
+    ) -> Result<(Vec<RowEvent>, Cursor), RowError> {
+        let entries = self.repo.feed().read(after, limit)?;
+        let next = entries.last().map_or(after, |e| Cursor(e.seq));
+        let mut out = Vec::new();
+        for entry in &entries {
+            out.extend(self.row_events(entry)?);
+        }
+        Ok((out, next))
+    }
+
+    /// The row events of one feed entry (none if it is not a row document,
+    /// or the document is gone).
+    pub fn row_events(&mut self, entry: &FeedEvent) -> Result<Vec<RowEvent>, RowError> {
+        let id = entry.document;
+        if !self.repo.contains(&id)? {
+            return Ok(Vec::new());
+        }
+        let table = match self
+            .repo
+            .view(&id, |d| document::state(d, &At(Some(&entry.heads))).table)
+        {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(Vec::new()),
+            Err(RepoError::Quarantined { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let schema = self.schema(&table);
+        let events = self.repo.view(&id, |d| {
+            let after = At(Some(&entry.heads));
+            let st_after = document::state(d, &after);
+            let Some(key) = st_after.key.clone() else {
+                return Vec::new(); // a catalog document
+            };
+            // Heads this document does not know (an old feed entry after a
+            // purge and re-creation) read as an empty row.
+            if entry
+                .heads
+                .iter()
+                .any(|h| d.get_change_by_hash(h).is_none())
+                || entry
+                    .before
+                    .iter()
+                    .any(|h| d.get_change_by_hash(h).is_none())
+            {
+                return Vec::new();
+            }
+            let before = At(Some(&entry.before));
+            let was_live = !entry.before.is_empty() && document::state(d, &before).live();
+            let is_live = st_after.live();
+            let change = match (was_live, is_live) {
+                (false, true) => RowChange::Inserted,
+                (true, true) => RowChange::Updated,
+                (true, false) => RowChange::Deleted,
+                (false, false) => return Vec::new(),
+            };
+            let changed: BTreeSet<String> = if change == RowChange::Inserted {
+                document::columns(d, &after).into_iter().collect()
+            } else {
+                d.diff(&entry.before, &entry.heads)
+                    .into_iter()
+                    .filter_map(|p| {
+                        let prop = match p.path.first() {
+                            Some((_, Prop::Map(k))) => k.clone(),
+                            Some(_) => return None,
+                            None => match &p.action {
+                                automerge::PatchAction::PutMap { key, .. }
+                                | automerge::PatchAction::DeleteMap { key } => key.clone(),
+                                automerge::PatchAction::Increment {
+                                    prop: Prop::Map(k), ..
+                                } => k.clone(),
+                                automerge::PatchAction::Conflict { prop: Prop::Map(k) } => {
+                                    k.clone()
+                                }
+                                _ => return None,
+                            },
+                        };
+                        (!prop.starts_with('_')).then_some(prop)
+                    })
+                    .collect()
+            };
+            let base = |change| RowEvent {
+                seq: entry.seq,
+                table: table.clone(),
+                key: key.clone(),
+                change,
+                columns: BTreeMap::new(),
+                origin: entry.origin.clone(),
+            };
+            let mut events = Vec::new();
+            let mut main = base(change.clone());
+            let mut conflicts = Vec::new();
+            if change != RowChange::Deleted {
+                for column in &changed {
+                    let (value, versions) = document::cell(d, &after, &schema, column);
+                    if versions.len() > 1 {
+                        conflicts.push(base(RowChange::Conflict {
+                            column: column.clone(),
+                            versions,
+                            resolved: value.clone(),
+                        }));
+                    }
+                    main.columns.insert(column.clone(), value);
+                }
+            }
+            events.push(main);
+            events.extend(conflicts);
+            events
+        })?;
+        Ok(events)
+    }
+}

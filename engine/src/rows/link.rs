@@ -1,0 +1,225 @@
+//! Replication links and their synchronization controller (the
+//! Master-Master Row-Level Synchronization pattern).
+//!
+//! A [`SyncLink`] joins two stores. Its controller keeps, in each store, the
+//! link's last synchronization point: the position in that store's change
+//! feed up to which everything was sent, and when. A run:
+//!
+//! 1. **Acquire**: the documents each side committed since its sync point
+//!    (from its durable change feed), and the changes the other side lacks;
+//! 2. **Manipulate**: the link's table filter drops what it does not carry
+//!    (CRDT changes are content-addressed, so a link selects, it does not rewrite);
+//! 3. **Write**: the other side applies them (idempotent: a change it has is
+//!    a no-op) and the table strategies detect and resolve conflicts on read;
+//!
+//! then both sides flush and the new sync points are recorded durably. A
+//! run that finds nothing changed sends nothing. Links compose: changes a
+//! store received over one link are in its feed, so they travel on over its
+//! other links, and a ring or star of stores converges.
+
+use std::collections::BTreeSet;
+
+use super::document::{self, At};
+use super::{Rows, cleanup};
+use crate::error::{RepoError, RowError};
+use crate::feed::Cursor;
+use crate::storage::{Storage, StorageKey, WriteBatch};
+use crate::{DocumentId, PeerId, Repo, StorageId};
+
+/// A named, durable replication link between two stores.
+#[derive(Clone, Debug)]
+pub struct SyncLink {
+    name: String,
+    tables: Option<BTreeSet<String>>,
+}
+
+/// A link's last synchronization point in one store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncPoint {
+    /// Everything in this store's feed up to here was sent.
+    pub cursor: Cursor,
+    /// When the run that recorded it finished (wall-clock milliseconds).
+    pub time: u64,
+    /// The other store of the link.
+    pub peer: Option<StorageId>,
+}
+
+/// What one [`SyncLink::run`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkRun {
+    /// Documents compared (changed on either side since the sync points).
+    pub documents: usize,
+    /// Changes sent a→b and b→a.
+    pub changes: (usize, usize),
+    /// Bytes of changes sent a→b and b→a.
+    pub bytes: (usize, usize),
+    /// Documents one side refused because it purged them (reported, not
+    /// resurrected).
+    pub refused_purged: Vec<DocumentId>,
+}
+
+impl SyncLink {
+    /// A link carrying every table (and raw document).
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            tables: None,
+        }
+    }
+
+    /// Carry only these tables' rows and catalogs.
+    pub fn tables<I: IntoIterator<Item = T>, T: Into<String>>(mut self, tables: I) -> Self {
+        self.tables = Some(tables.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The link's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn key(&self) -> Result<StorageKey, RowError> {
+        Ok(StorageKey::new(["~link", self.name.as_str()])?)
+    }
+
+    /// The link's last synchronization point recorded in `repo`.
+    pub fn sync_point<S: Storage>(&self, repo: &Repo<S>) -> Result<SyncPoint, RowError> {
+        let Some(bytes) = repo.storage().get(&self.key()?)? else {
+            return Ok(SyncPoint::default());
+        };
+        let text = String::from_utf8(bytes)
+            .map_err(|_| crate::StorageError::Corrupt("link sync point is not UTF-8".into()))?;
+        let mut parts = text.splitn(3, ' ');
+        let corrupt = || crate::StorageError::Corrupt(format!("bad link sync point {text:?}"));
+        let cursor = parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(corrupt)?;
+        let time = parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(corrupt)?;
+        let peer = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .map(|p| StorageId::new(p.to_owned()));
+        Ok(SyncPoint {
+            cursor: Cursor(cursor),
+            time,
+            peer,
+        })
+    }
+
+    fn record<S: Storage>(&self, rows: &mut Rows<S>, peer: &StorageId) -> Result<(), RowError> {
+        let cursor = rows.repo.feed().last_seq()?;
+        let time = (rows.now)();
+        let mut batch = WriteBatch::new();
+        batch.put(
+            self.key()?,
+            format!("{cursor} {time} {}", peer.as_str()).into_bytes(),
+        );
+        rows.repo.storage().commit(&batch)?;
+        Ok(())
+    }
+
+    /// Documents committed in `rows` since the link's sync point there.
+    fn acquire<S: Storage>(&self, rows: &mut Rows<S>) -> Result<BTreeSet<DocumentId>, RowError> {
+        let mut cursor = self.sync_point(&rows.repo)?.cursor;
+        let mut out = BTreeSet::new();
+        loop {
+            let page = rows.repo.feed().read(cursor, 4096)?;
+            let Some(last) = page.last() else { break };
+            cursor = Cursor(last.seq);
+            out.extend(page.into_iter().map(|e| e.document));
+        }
+        Ok(out)
+    }
+
+    fn carries<S: Storage>(&self, rows: &mut Rows<S>, id: &DocumentId) -> Result<bool, RowError> {
+        let Some(tables) = &self.tables else {
+            return Ok(true);
+        };
+        if !rows.repo.contains(id)? {
+            return Ok(false);
+        }
+        let table = rows
+            .repo
+            .view(id, |d| document::state(d, &At(None)).table)?;
+        Ok(table.is_some_and(|t| tables.contains(&t)))
+    }
+
+    /// Synchronize `a` and `b`: send each what changed on the other since
+    /// the last run, make it durable on both, record the new sync points,
+    /// and record what each side now acknowledges for cleanup.
+    pub fn run<A: Storage, B: Storage>(
+        &self,
+        a: &mut Rows<A>,
+        b: &mut Rows<B>,
+    ) -> Result<LinkRun, RowError> {
+        let (a_sid, b_sid) = (a.repo.storage_id().clone(), b.repo.storage_id().clone());
+        let (a_peer, b_peer) = (a.repo.peer_id().clone(), b.repo.peer_id().clone());
+        let mut docs = self.acquire(a)?;
+        docs.extend(self.acquire(b)?);
+        let mut run = LinkRun::default();
+        let mut synced = Vec::new();
+        for id in docs {
+            if !(self.carries(a, &id)? || self.carries(b, &id)?) {
+                continue;
+            }
+            run.documents += 1;
+            let mut refused = false;
+            let (n, bytes) = transfer(a, b, &id, &a_peer, &mut refused)?;
+            run.changes.0 += n;
+            run.bytes.0 += bytes;
+            let (n, bytes) = transfer(b, a, &id, &b_peer, &mut refused)?;
+            run.changes.1 += n;
+            run.bytes.1 += bytes;
+            if refused {
+                run.refused_purged.push(id);
+            } else {
+                synced.push(id);
+            }
+        }
+        a.flush()?;
+        b.flush()?;
+        // Both sides now hold the same heads for every synced document.
+        cleanup::record_acks(a, &b_sid, &synced)?;
+        cleanup::record_acks(b, &a_sid, &synced)?;
+        a.add_member(&b_sid)?;
+        b.add_member(&a_sid)?;
+        self.record(a, &b_sid)?;
+        self.record(b, &a_sid)?;
+        Ok(run)
+    }
+}
+
+/// Send `from`'s changes to `id` that `to` lacks. Returns (changes, bytes).
+fn transfer<F: Storage, T: Storage>(
+    from: &mut Rows<F>,
+    to: &mut Rows<T>,
+    id: &DocumentId,
+    from_peer: &PeerId,
+    refused: &mut bool,
+) -> Result<(usize, usize), RowError> {
+    if !from.repo.contains(id)? {
+        return Ok((0, 0));
+    }
+    let have = if to.repo.contains(id)? {
+        to.repo.heads(id)?
+    } else {
+        Vec::new()
+    };
+    let changes = from.repo.changes_since(id, &have)?;
+    if changes.is_empty() {
+        return Ok((0, 0));
+    }
+    let bytes = changes.iter().map(Vec::len).sum();
+    match to.repo.apply_changes(id, &changes, from_peer) {
+        Ok(_) => Ok((changes.len(), bytes)),
+        Err(RepoError::Purged(_)) => {
+            *refused = true;
+            Ok((0, 0))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
