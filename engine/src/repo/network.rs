@@ -386,7 +386,8 @@ impl<S: Storage> Repo<S> {
             conn.docs.insert(doc, PeerDoc::new(access, sync));
         }
         if !self.docs.exists(&doc)? && self.purge_marker(&doc)?.is_some() {
-            if !message.changes.is_empty() {
+            // A peer that has any history of it is offering updates.
+            if !message.heads.is_empty() || !message.changes.is_empty() {
                 tracing::warn!(document = %doc, peer = %peer.peer_id, "update to a purged document refused");
                 self.outputs
                     .push_back(Output::Event(Event::PurgedDocumentUpdate {

@@ -19,6 +19,8 @@
 
 use std::collections::BTreeSet;
 
+use automerge::{ChangeHash, ReadDoc};
+
 use super::document::{self, At};
 use super::{Rows, cleanup};
 use crate::error::{RepoError, RowError};
@@ -158,6 +160,9 @@ impl SyncLink {
     ) -> Result<LinkRun, RowError> {
         let (a_sid, b_sid) = (a.repo.storage_id().clone(), b.repo.storage_id().clone());
         let (a_peer, b_peer) = (a.repo.peer_id().clone(), b.repo.peer_id().clone());
+        // The feed holds durable commits only: make pending edits durable first.
+        a.flush()?;
+        b.flush()?;
         let mut docs = self.acquire(a)?;
         docs.extend(self.acquire(b)?);
         let mut run = LinkRun::default();
@@ -205,7 +210,7 @@ fn transfer<F: Storage, T: Storage>(
         return Ok((0, 0));
     }
     let have = if to.repo.contains(id)? {
-        to.repo.heads(id)?
+        frontier(from, to, id)?
     } else {
         Vec::new()
     };
@@ -222,4 +227,31 @@ fn transfer<F: Storage, T: Storage>(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The latest changes of `to`'s history that `from` also has: walk back
+/// from `to`'s heads through the changes `from` lacks (few, when the two
+/// were in sync recently), so `from` sends exactly what `to` is missing.
+fn frontier<F: Storage, T: Storage>(
+    from: &mut Rows<F>,
+    to: &mut Rows<T>,
+    id: &DocumentId,
+) -> Result<Vec<ChangeHash>, RowError> {
+    let mut stack = to.repo.heads(id)?;
+    let mut seen = BTreeSet::new();
+    let mut known = Vec::new();
+    while let Some(h) = stack.pop() {
+        if !seen.insert(h) {
+            continue;
+        }
+        if from.repo.view(id, |d| d.get_change_by_hash(&h).is_some())? {
+            known.push(h);
+        } else if let Some(deps) = to
+            .repo
+            .view(id, |d| d.get_change_by_hash(&h).map(|c| c.deps().to_vec()))?
+        {
+            stack.extend(deps);
+        }
+    }
+    Ok(known)
 }

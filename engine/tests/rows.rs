@@ -1,0 +1,597 @@
+//! The row layer's rules, one test each: registers and strategies, counters
+//! and text, delete flags, discovery, change data capture, replication links
+//! and cleanup.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tandem_engine::rows::{RowChange, Rows, Strategy, SyncLink, TableSchema, Value, Version};
+use tandem_engine::{
+    Cursor, Event, MemoryStorage, Origin, Output, PeerId, Repo, RepoConfig, RowError, ShareAll,
+};
+
+type Store = Rows<MemoryStorage>;
+
+/// A replica with a hand-driven wall clock.
+fn replica(name: &str, schema: &TableSchema) -> (Store, Arc<AtomicU64>) {
+    let repo = Repo::open(
+        MemoryStorage::new(),
+        RepoConfig::new(PeerId::new(name)),
+        ShareAll,
+    )
+    .unwrap();
+    let clock = Arc::new(AtomicU64::new(1_000));
+    let c = clock.clone();
+    let mut rows = Rows::new(repo, move || c.load(Ordering::SeqCst));
+    rows.define(schema.clone());
+    (rows, clock)
+}
+
+fn s(v: &str) -> Value {
+    Value::from(v)
+}
+
+fn link(a: &mut Store, b: &mut Store) {
+    SyncLink::new("test").run(a, b).unwrap();
+}
+
+#[test]
+fn one_key_inserted_on_two_offline_replicas_is_one_row_whose_columns_merge() {
+    let schema = TableSchema::new("tasks");
+    let (mut a, _) = replica("a", &schema);
+    let (mut b, _) = replica("b", &schema);
+    a.table("tasks")
+        .insert("t1", [("title", s("milk"))])
+        .unwrap();
+    b.table("tasks")
+        .insert("t1", [("done", Value::Bool(true))])
+        .unwrap();
+    link(&mut a, &mut b);
+    for r in [&mut a, &mut b] {
+        let rows = r.table("tasks").scan().unwrap();
+        assert_eq!(rows.len(), 1, "one row, not two");
+        assert_eq!(rows[0].get("title"), Some(&s("milk")));
+        assert_eq!(rows[0].get("done"), Some(&Value::Bool(true)));
+    }
+    assert_eq!(
+        a.table("tasks").document_id("t1").unwrap(),
+        b.table("tasks").document_id("t1").unwrap()
+    );
+}
+
+/// Two replicas write `title` concurrently at the given wall-clock times;
+/// returns both replicas after syncing.
+fn concurrent_titles(schema: TableSchema, at_a: u64, at_b: u64) -> (Store, Store) {
+    let (mut a, ca) = replica("a", &schema);
+    let (mut b, cb) = replica("b", &schema);
+    a.table("tasks")
+        .insert("t1", [("title", s("first"))])
+        .unwrap();
+    link(&mut a, &mut b);
+    ca.store(at_a, Ordering::SeqCst);
+    cb.store(at_b, Ordering::SeqCst);
+    a.table("tasks")
+        .update("t1", [("title", s("from a"))])
+        .unwrap();
+    b.table("tasks")
+        .update("t1", [("title", s("from b"))])
+        .unwrap();
+    link(&mut a, &mut b);
+    (a, b)
+}
+
+fn title(r: &mut Store) -> Option<Value> {
+    r.table("tasks")
+        .get("t1")
+        .unwrap()
+        .unwrap()
+        .get("title")
+        .cloned()
+}
+
+#[test]
+fn last_writer_wins_by_hybrid_clock_and_every_replica_agrees() {
+    let (mut a, mut b) = concurrent_titles(TableSchema::new("tasks"), 5_000, 9_000);
+    assert_eq!(title(&mut a), Some(s("from b")));
+    assert_eq!(title(&mut b), Some(s("from b")));
+    // The conflict is visible, not silent.
+    let row = a.table("tasks").get("t1").unwrap().unwrap();
+    assert_eq!(row.conflict("title").map(<[Version]>::len), Some(2));
+    // The other order of clocks flips the winner.
+    let (mut a, mut b) = concurrent_titles(TableSchema::new("tasks"), 9_000, 5_000);
+    assert_eq!(title(&mut a), Some(s("from a")));
+    assert_eq!(title(&mut b), Some(s("from a")));
+}
+
+#[test]
+fn equal_timestamps_break_ties_by_replica_id() {
+    let (mut a, mut b) = concurrent_titles(TableSchema::new("tasks"), 7_000, 7_000);
+    let winner_replica = a.replica().max(b.replica()).to_owned();
+    let expected = if winner_replica == a.replica() {
+        s("from a")
+    } else {
+        s("from b")
+    };
+    assert_eq!(title(&mut a), Some(expected.clone()));
+    assert_eq!(title(&mut b), Some(expected));
+}
+
+#[test]
+fn first_writer_wins_keeps_the_earliest_concurrent_write() {
+    let schema = TableSchema::new("tasks").strategy(Strategy::FirstWriterWins);
+    let (mut a, mut b) = concurrent_titles(schema, 5_000, 9_000);
+    assert_eq!(title(&mut a), Some(s("from a")));
+    assert_eq!(title(&mut b), Some(s("from a")));
+    // A write that saw the current value is not a conflict: it replaces it.
+    b.table("tasks")
+        .update("t1", [("title", s("edited"))])
+        .unwrap();
+    link(&mut a, &mut b);
+    assert_eq!(title(&mut a), Some(s("edited")));
+}
+
+#[test]
+fn multi_value_keeps_every_version_until_the_application_resolves() {
+    let schema = TableSchema::new("tasks").column_strategy("title", Strategy::MultiValue);
+    let (mut a, mut b) = concurrent_titles(schema, 5_000, 9_000);
+    for r in [&mut a, &mut b] {
+        let row = r.table("tasks").get("t1").unwrap().unwrap();
+        assert_eq!(row.get("title"), None, "no single value while in conflict");
+        let values: Vec<_> = row
+            .conflict("title")
+            .unwrap()
+            .iter()
+            .map(|v| v.value.clone())
+            .collect();
+        assert_eq!(values, vec![s("from a"), s("from b")]);
+    }
+    a.table("tasks")
+        .update("t1", [("title", s("merged"))])
+        .unwrap();
+    link(&mut a, &mut b);
+    for r in [&mut a, &mut b] {
+        let row = r.table("tasks").get("t1").unwrap().unwrap();
+        assert_eq!(row.get("title"), Some(&s("merged")));
+        assert_eq!(row.conflict("title"), None);
+    }
+}
+
+#[test]
+fn a_custom_resolver_applies_a_business_rule_everywhere() {
+    // Keep the longest title, whatever the clocks say.
+    let longest: tandem_engine::rows::Resolver = Arc::new(|_, versions: &[Version]| {
+        versions
+            .iter()
+            .max_by_key(|v| (v.value.as_str().map_or(0, str::len), v.at.clone()))
+            .map(|v| v.value.clone())
+            .unwrap()
+    });
+    let schema = TableSchema::new("tasks").strategy(Strategy::Custom(longest));
+    let (mut a, mut b) = concurrent_titles(schema, 9_000, 5_000);
+    // "from a" and "from b" tie on length: the later timestamp breaks it.
+    assert_eq!(title(&mut a), Some(s("from a")));
+    b.table("tasks").update("t1", [("title", s("x"))]).unwrap();
+    a.table("tasks")
+        .update("t1", [("title", s("a much longer title"))])
+        .unwrap();
+    link(&mut a, &mut b);
+    assert_eq!(title(&mut a), Some(s("a much longer title")));
+    assert_eq!(title(&mut b), Some(s("a much longer title")));
+}
+
+#[test]
+fn concurrent_increments_add_up_even_on_rows_created_offline_on_both_sides() {
+    let schema = TableSchema::new("tasks").counter("votes");
+    let (mut a, _) = replica("a", &schema);
+    let (mut b, _) = replica("b", &schema);
+    a.table("tasks")
+        .insert("t1", [("votes", Value::Int(2))])
+        .unwrap();
+    b.table("tasks")
+        .insert("t1", [("votes", Value::Int(3))])
+        .unwrap();
+    a.table("tasks").increment("t1", "votes", 10).unwrap();
+    link(&mut a, &mut b);
+    b.table("tasks").increment("t1", "votes", 1).unwrap();
+    a.table("tasks").increment("t1", "votes", 1).unwrap();
+    link(&mut a, &mut b);
+    for r in [&mut a, &mut b] {
+        let row = r.table("tasks").get("t1").unwrap().unwrap();
+        assert_eq!(row.get("votes"), Some(&Value::Int(17)));
+    }
+    let err = a.table("tasks").increment("t1", "title", 1).unwrap_err();
+    assert!(matches!(err, RowError::WrongColumnKind { .. }), "{err}");
+}
+
+#[test]
+fn concurrent_text_edits_interleave_and_none_is_lost() {
+    let schema = TableSchema::new("tasks").text("notes");
+    let (mut a, _) = replica("a", &schema);
+    let (mut b, _) = replica("b", &schema);
+    a.table("tasks")
+        .insert("t1", [("notes", s("milk"))])
+        .unwrap();
+    b.table("tasks")
+        .insert("t1", [("notes", s("eggs"))])
+        .unwrap();
+    link(&mut a, &mut b);
+    let merged = a
+        .table("tasks")
+        .get("t1")
+        .unwrap()
+        .unwrap()
+        .get("notes")
+        .cloned()
+        .unwrap();
+    let merged = merged.as_str().unwrap().to_owned();
+    assert!(
+        merged.contains("milk") && merged.contains("eggs"),
+        "{merged:?}"
+    );
+    a.table("tasks")
+        .splice_text("t1", "notes", 0, 0, "A:")
+        .unwrap();
+    b.table("tasks")
+        .splice_text("t1", "notes", merged.len(), 0, ":B")
+        .unwrap();
+    link(&mut a, &mut b);
+    let expected = format!("A:{merged}:B");
+    for r in [&mut a, &mut b] {
+        let notes = r
+            .table("tasks")
+            .get("t1")
+            .unwrap()
+            .unwrap()
+            .get("notes")
+            .cloned();
+        assert_eq!(notes, Some(s(&expected)));
+    }
+}
+
+#[test]
+fn delete_wins_over_a_concurrent_update_and_reads_skip_deleted_rows() {
+    let schema = TableSchema::new("tasks");
+    let (mut a, _) = replica("a", &schema);
+    let (mut b, _) = replica("b", &schema);
+    a.table("tasks").insert("t1", [("title", s("x"))]).unwrap();
+    a.table("tasks").insert("t2", [("title", s("y"))]).unwrap();
+    link(&mut a, &mut b);
+    a.table("tasks").delete("t1").unwrap();
+    b.table("tasks")
+        .update("t1", [("title", s("edited offline"))])
+        .unwrap();
+    link(&mut a, &mut b);
+    for r in [&mut a, &mut b] {
+        assert_eq!(r.table("tasks").get("t1").unwrap(), None);
+        let keys: Vec<_> = r
+            .table("tasks")
+            .scan()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(keys, vec!["t2"]);
+        let err = r
+            .table("tasks")
+            .update("t1", [("title", s("z"))])
+            .unwrap_err();
+        assert!(matches!(err, RowError::NotFound { .. }), "{err}");
+    }
+}
+
+#[test]
+fn an_insert_after_a_delete_revives_the_row_with_only_its_values() {
+    let schema = TableSchema::new("tasks").counter("votes");
+    let (mut a, _) = replica("a", &schema);
+    let (mut b, _) = replica("b", &schema);
+    a.table("tasks")
+        .insert(
+            "t1",
+            [
+                ("title", s("old")),
+                ("note", s("old note")),
+                ("votes", Value::Int(4)),
+            ],
+        )
+        .unwrap();
+    a.table("tasks").delete("t1").unwrap();
+    link(&mut a, &mut b);
+    // b saw the delete; its insert causally follows it.
+    b.table("tasks")
+        .insert("t1", [("title", s("new"))])
+        .unwrap();
+    link(&mut a, &mut b);
+    for r in [&mut a, &mut b] {
+        let row = r.table("tasks").get("t1").unwrap().unwrap();
+        assert_eq!(row.get("title"), Some(&s("new")));
+        assert_eq!(row.get("note"), None);
+        assert_eq!(row.get("votes"), Some(&Value::Int(0)));
+    }
+    let err = a
+        .table("tasks")
+        .insert("t1", [("title", s("again"))])
+        .unwrap_err();
+    assert!(matches!(err, RowError::AlreadyExists { .. }), "{err}");
+}
+
+#[test]
+fn a_replica_that_syncs_a_table_over_the_protocol_learns_every_row() {
+    let schema = TableSchema::new("tasks").shards(4);
+    // a serves what it is asked for and announces nothing, like a relay.
+    let repo = Repo::open(
+        MemoryStorage::new(),
+        RepoConfig::new(PeerId::new("a")),
+        tandem_engine::ServeOnRequest,
+    )
+    .unwrap();
+    let mut a = Rows::new(repo, || 1_000);
+    a.define(schema.clone());
+    let (mut b, _) = replica("b", &schema);
+    for i in 0..50 {
+        a.table("tasks")
+            .insert(&format!("k{i:02}"), [("n", Value::Int(i))])
+            .unwrap();
+    }
+    a.flush().unwrap();
+    // b knows nothing but the table's name: catalogs, then rows.
+    b.subscribe("tasks").unwrap();
+    tandem_engine::sync_in_process(b.repo_mut(), a.repo_mut(), 50).unwrap();
+    assert_eq!(b.discover("tasks").unwrap(), 50);
+    tandem_engine::sync_in_process(b.repo_mut(), a.repo_mut(), 50).unwrap();
+    assert_eq!(b.discover("tasks").unwrap(), 0);
+    let rows = b.table("tasks").scan().unwrap();
+    assert_eq!(rows.len(), 50);
+    assert_eq!(rows[7].get("n"), Some(&Value::Int(7)));
+}
+
+#[test]
+fn the_row_feed_reports_inserts_updates_deletes_and_conflicts_from_a_cursor() {
+    let schema = TableSchema::new("tasks");
+    let (mut a, ca) = replica("a", &schema);
+    let (mut b, cb) = replica("b", &schema);
+    a.table("tasks")
+        .insert("t1", [("title", s("x")), ("n", Value::Int(1))])
+        .unwrap();
+    a.table("tasks")
+        .update("t1", [("n", Value::Int(2))])
+        .unwrap();
+    a.flush().unwrap();
+    let (events, cursor) = a.changes(Cursor::START, 100).unwrap();
+    let kinds: Vec<_> = events
+        .iter()
+        .map(|e| (e.change.clone(), e.key.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (RowChange::Inserted, "t1".into()),
+            (RowChange::Updated, "t1".into())
+        ]
+    );
+    assert_eq!(events[1].columns.keys().collect::<Vec<_>>(), vec!["n"]);
+    assert_eq!(events[1].columns["n"], Some(Value::Int(2)));
+    assert_eq!(events[0].origin, Origin::Local);
+
+    link(&mut a, &mut b);
+    ca.store(5_000, Ordering::SeqCst);
+    cb.store(6_000, Ordering::SeqCst);
+    a.table("tasks")
+        .update("t1", [("title", s("from a"))])
+        .unwrap();
+    b.table("tasks")
+        .update("t1", [("title", s("from b"))])
+        .unwrap();
+    link(&mut a, &mut b);
+    b.table("tasks").delete("t1").unwrap();
+    link(&mut a, &mut b);
+    let (events, _) = a.changes(cursor, 100).unwrap();
+    let conflict = events
+        .iter()
+        .find_map(|e| match &e.change {
+            RowChange::Conflict {
+                column,
+                versions,
+                resolved,
+            } => Some((column.clone(), versions.len(), resolved.clone())),
+            _ => None,
+        })
+        .expect("the merge reports its conflict");
+    assert_eq!(conflict, ("title".into(), 2, Some(s("from b"))));
+    assert!(events.iter().any(|e| e.change == RowChange::Deleted));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(&e.origin, Origin::Remote(p) if p.as_str() == "b"))
+    );
+}
+
+#[test]
+fn a_link_records_its_sync_point_and_a_quiet_run_sends_nothing() {
+    let schema = TableSchema::new("tasks");
+    let (mut a, _) = replica("a", &schema);
+    let (mut b, _) = replica("b", &schema);
+    for i in 0..20 {
+        a.table("tasks")
+            .insert(&format!("k{i}"), [("n", Value::Int(i))])
+            .unwrap();
+    }
+    let l = SyncLink::new("a-b");
+    let first = l.run(&mut a, &mut b).unwrap();
+    assert!(first.bytes.0 > 0);
+    assert_eq!(b.table("tasks").scan().unwrap().len(), 20);
+    let point = l.sync_point(a.repo()).unwrap();
+    assert_eq!(point.peer.as_ref(), Some(b.repo().storage_id()));
+    let quiet = l.run(&mut a, &mut b).unwrap();
+    assert_eq!((quiet.documents, quiet.bytes), (0, (0, 0)), "{quiet:?}");
+    // One change on b travels alone.
+    b.table("tasks")
+        .update("k3", [("n", Value::Int(33))])
+        .unwrap();
+    let one = l.run(&mut a, &mut b).unwrap();
+    assert_eq!(one.documents, 1);
+    assert_eq!(one.changes, (0, 1));
+    assert_eq!(
+        a.table("tasks").get("k3").unwrap().unwrap().get("n"),
+        Some(&Value::Int(33))
+    );
+}
+
+#[test]
+fn three_stores_in_a_ring_converge() {
+    let schema = TableSchema::new("tasks").counter("votes");
+    let mut stores: Vec<Store> = ["a", "b", "c"]
+        .iter()
+        .map(|n| replica(n, &schema).0)
+        .collect();
+    for (i, s) in stores.iter_mut().enumerate() {
+        s.table("tasks")
+            .insert(&format!("own{i}"), [("n", Value::Int(i as i64))])
+            .unwrap();
+        s.table("tasks")
+            .upsert("shared", [("votes", Value::Int(0))])
+            .unwrap();
+        s.table("tasks").increment("shared", "votes", 1).unwrap();
+    }
+    let links = [
+        SyncLink::new("ab"),
+        SyncLink::new("bc"),
+        SyncLink::new("ca"),
+    ];
+    for _ in 0..2 {
+        for (i, l) in links.iter().enumerate() {
+            let (x, y) = pair(&mut stores, i, (i + 1) % 3);
+            l.run(x, y).unwrap();
+        }
+    }
+    let snapshot: Vec<_> = stores
+        .iter_mut()
+        .map(|s| s.table("tasks").scan().unwrap())
+        .collect();
+    assert_eq!(snapshot[0].len(), 4);
+    assert_eq!(snapshot[0], snapshot[1]);
+    assert_eq!(snapshot[1], snapshot[2]);
+    let shared = snapshot[0].iter().find(|r| r.key == "shared").unwrap();
+    assert_eq!(shared.get("votes"), Some(&Value::Int(3)));
+}
+
+fn pair(v: &mut [Store], i: usize, j: usize) -> (&mut Store, &mut Store) {
+    assert_ne!(i, j);
+    if i < j {
+        let (l, r) = v.split_at_mut(j);
+        (&mut l[i], &mut r[0])
+    } else {
+        let (l, r) = v.split_at_mut(i);
+        (&mut r[0], &mut l[j])
+    }
+}
+
+#[test]
+fn a_lagging_replica_blocks_the_purge_until_it_acknowledges() {
+    let schema = TableSchema::new("tasks");
+    let (mut hub, _) = replica("hub", &schema);
+    let (mut a, _) = replica("a", &schema);
+    let (mut lag, _) = replica("lag", &schema);
+    hub.table("tasks")
+        .insert("t1", [("title", s("x"))])
+        .unwrap();
+    let (l_a, l_lag) = (SyncLink::new("hub-a"), SyncLink::new("hub-lag"));
+    l_a.run(&mut hub, &mut a).unwrap();
+    l_lag.run(&mut hub, &mut lag).unwrap();
+    hub.table("tasks").delete("t1").unwrap();
+    l_a.run(&mut hub, &mut a).unwrap();
+    let report = hub.cleanup().unwrap();
+    assert!(report.purged.is_empty());
+    assert_eq!(report.waiting.len(), 1);
+    assert_eq!(report.waiting[0].2, vec![lag.repo().storage_id().clone()]);
+    let id = hub.table("tasks").document_id("t1").unwrap();
+    assert!(
+        hub.repo_mut().contains(&id).unwrap(),
+        "not purged while lag has not acknowledged"
+    );
+    // lag catches up: now everyone has acknowledged the delete.
+    l_lag.run(&mut hub, &mut lag).unwrap();
+    let report = hub.cleanup().unwrap();
+    assert_eq!(report.purged, vec![("tasks".to_owned(), "t1".to_owned())]);
+    assert!(!hub.repo_mut().contains(&id).unwrap());
+    assert!(hub.repo().purge_marker(&id).unwrap().is_some());
+    // The key can be used again: a fresh row document.
+    hub.table("tasks")
+        .insert("t1", [("title", s("reborn"))])
+        .unwrap();
+    assert_ne!(hub.table("tasks").document_id("t1").unwrap(), id);
+    l_a.run(&mut hub, &mut a).unwrap();
+    assert_eq!(
+        a.table("tasks").get("t1").unwrap().unwrap().get("title"),
+        Some(&s("reborn"))
+    );
+}
+
+#[test]
+fn retiring_a_replica_unblocks_the_purge_and_its_late_update_is_reported_not_resurrected() {
+    let schema = TableSchema::new("tasks");
+    let (mut hub, _) = replica("hub", &schema);
+    let (mut gone, _) = replica("gone", &schema);
+    hub.table("tasks")
+        .insert("t1", [("title", s("x"))])
+        .unwrap();
+    let l = SyncLink::new("hub-gone");
+    l.run(&mut hub, &mut gone).unwrap();
+    hub.table("tasks").delete("t1").unwrap();
+    hub.flush().unwrap();
+    assert!(
+        hub.cleanup().unwrap().purged.is_empty(),
+        "gone has not acknowledged"
+    );
+    hub.retire_member(gone.repo().storage_id()).unwrap();
+    assert_eq!(hub.cleanup().unwrap().purged.len(), 1);
+    let id = hub.table("tasks").document_id("t1").unwrap();
+    // The retired replica comes back with an update to the purged row.
+    gone.table("tasks")
+        .update("t1", [("title", s("late"))])
+        .unwrap();
+    let run = l.run(&mut hub, &mut gone).unwrap();
+    assert_eq!(run.refused_purged, vec![id]);
+    assert!(!run.refused_purged.is_empty(), "{run:?}");
+    let reported = hub
+        .repo_mut()
+        .drain_outputs()
+        .into_iter()
+        .any(|o| matches!(o, Output::Event(Event::PurgedDocumentUpdate { .. })));
+    assert!(reported, "the late update is reported");
+    assert_eq!(
+        hub.table("tasks").get("t1").unwrap(),
+        None,
+        "not resurrected"
+    );
+    assert!(!hub.repo_mut().contains(&id).unwrap());
+}
+
+#[test]
+fn a_late_update_over_the_protocol_to_a_purged_row_is_refused_and_reported() {
+    let schema = TableSchema::new("tasks");
+    let (mut hub, _) = replica("hub", &schema);
+    let (mut gone, _) = replica("gone", &schema);
+    gone.table("tasks")
+        .insert("t1", [("title", s("x"))])
+        .unwrap();
+    let id = gone.table("tasks").document_id("t1").unwrap();
+    gone.table("tasks").delete("t1").unwrap();
+    SyncLink::new("l").run(&mut hub, &mut gone).unwrap();
+    hub.retire_member(gone.repo().storage_id()).unwrap();
+    assert_eq!(hub.cleanup().unwrap().purged.len(), 1);
+    // Revive on the old replica and push it over the wire protocol.
+    gone.table("tasks")
+        .insert("t1", [("title", s("late"))])
+        .unwrap();
+    let report = tandem_engine::sync_in_process(gone.repo_mut(), hub.repo_mut(), 20).unwrap();
+    assert!(
+        report
+            .events
+            .1
+            .iter()
+            .any(|e| matches!(e, Event::PurgedDocumentUpdate { document, .. } if *document == id)),
+        "{:?}",
+        report.events.1
+    );
+    assert!(!hub.repo_mut().contains(&id).unwrap(), "not resurrected");
+}
