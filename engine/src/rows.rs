@@ -411,6 +411,19 @@ impl<S: Storage> Table<'_, S> {
         Ok(out)
     }
 
+    /// Every concurrent version of a register column of a live row, oldest
+    /// first (one version when there is no conflict); empty if the row or
+    /// column is absent.
+    pub fn versions(&mut self, key: &str, column: &str) -> Result<Vec<Version>, RowError> {
+        let Ok(id) = self.live(key) else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .rows
+            .repo
+            .view(&id, |d| document::versions(d, &At(None), column))?)
+    }
+
     /// The document holding a key's row (any automerge client can read it).
     pub fn document_id(&mut self, key: &str) -> Result<DocumentId, RowError> {
         Ok(self.rows.locate(&self.schema, key)?.0)
