@@ -208,8 +208,43 @@ impl<S: Storage> Rows<S> {
     /// Request every row the table's catalogs list that this store does not
     /// have yet. Returns how many were requested.
     pub fn discover(&mut self, table: &str) -> Result<usize, RowError> {
+        let entries = self.catalog_entries(table)?;
+        self.request_missing(table, entries)
+    }
+
+    /// If `document` is a catalog of a table, request the rows it lists that
+    /// this store lacks (call it when a document arrives: cheaper than
+    /// [`discover`](Self::discover), which reads every catalog of a table).
+    /// Returns the table and how many rows were requested.
+    pub fn discover_catalog(
+        &mut self,
+        document: &DocumentId,
+    ) -> Result<Option<(String, usize)>, RowError> {
+        if !self.repo.contains(document)? {
+            return Ok(None);
+        }
+        let (table, entries) = self.repo.view(document, |d| {
+            let st = document::state(d, &At(None));
+            match (st.table, st.key, catalog::rows_map(d)) {
+                (Some(t), None, Some(_)) => (Some(t), catalog::entries(d)),
+                _ => (None, Vec::new()),
+            }
+        })?;
+        let Some(table) = table else {
+            return Ok(None);
+        };
+        let requested = self.request_missing(&table, entries)?;
+        Ok(Some((table, requested)))
+    }
+
+    /// Request the listed rows that this store has no history of.
+    fn request_missing(
+        &mut self,
+        table: &str,
+        entries: Vec<(String, u64)>,
+    ) -> Result<usize, RowError> {
         let mut requested = 0;
-        for (key, generation) in self.catalog_entries(table)? {
+        for (key, generation) in entries {
             let id = document::row_id(table, &key, generation);
             let empty =
                 !self.repo.contains(&id)? || self.repo.view(&id, |d| d.get_heads().is_empty())?;

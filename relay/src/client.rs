@@ -56,8 +56,10 @@ use std::time::Duration;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tandem_engine::automerge::{AutoCommit, Automerge, AutomergeError, ChangeHash};
+use tandem_engine::rows::Rows;
 use tandem_engine::{
-    ConnectionId, Direction, DocumentId, Event, FeedEvent, Output, Repo, RepoError, Storage,
+    ConnectionId, Direction, DocumentId, Event, FeedEvent, Output, Repo, RepoError, RowError,
+    Storage,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -252,6 +254,9 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A table operation was refused (see [`RowError`]).
+    #[error(transparent)]
+    Rows(RowError),
     /// The client task has shut down.
     #[error("the client has shut down")]
     Closed,
@@ -267,7 +272,7 @@ struct JobCtx {
     after_flush: Vec<AfterFlush>,
 }
 
-type Job<S> = Box<dyn FnOnce(&mut Repo<S>, &mut JobCtx) + Send>;
+type Job<S> = Box<dyn FnOnce(&mut Rows<S>, &mut JobCtx) + Send>;
 
 enum Command<S: Storage> {
     Run(Job<S>),
@@ -318,6 +323,16 @@ impl<S: Storage + 'static> Client<S> {
         url: impl Into<String>,
         config: ClientConfig,
     ) -> Result<Self, ClientError> {
+        Self::start_rows(Rows::with_system_clock(repo), url, config)
+    }
+
+    /// [`start`](Self::start) with a row store (its table schemas declared),
+    /// for [`rows`](Self::rows) and [`sync_table`](Self::sync_table).
+    pub fn start_rows(
+        rows: Rows<S>,
+        url: impl Into<String>,
+        config: ClientConfig,
+    ) -> Result<Self, ClientError> {
         let url = url.into();
         if let Err(e) = url.as_str().into_client_request() {
             return Err(ClientError::Url {
@@ -333,7 +348,7 @@ impl<S: Storage + 'static> Client<S> {
             state: watch::Sender::new(ConnectionState::Offline),
         });
         let driver = Driver {
-            repo,
+            rows,
             url,
             want_online: config.start_online,
             config,
@@ -367,11 +382,44 @@ impl<S: Storage + 'static> Client<S> {
         f: impl FnOnce(&mut Repo<S>) -> R + Send + 'static,
     ) -> Result<R, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::Run(Box::new(move |repo, _| {
-            let _ = tx.send(f(repo));
+        self.command(Command::Run(Box::new(move |rows, _| {
+            let _ = tx.send(f(rows.repo_mut()));
         })))
         .await?;
         rx.await.map_err(|_| ClientError::Closed)
+    }
+
+    /// Work with the client's tables (see [`Rows`]) inside the client task,
+    /// and return once what `f` changed is durable in the local store. It is
+    /// sent to the relay when connected.
+    pub async fn rows<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Rows<S>) -> Result<R, RowError> + Send + 'static,
+    ) -> Result<R, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Run(Box::new(move |rows, ctx| match f(rows) {
+            Ok(r) => ctx.after_flush.push(Box::new(move |flushed| {
+                let _ = tx.send(flushed.map(|()| r).map_err(ClientError::Flush));
+            })),
+            Err(e) => {
+                let _ = tx.send(Err(ClientError::Rows(e)));
+            }
+        })))
+        .await?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Keep a table in sync: ask the relay for its catalogs now and on every
+    /// reconnect, and fetch every row they list as they arrive, including
+    /// rows other replicas add later.
+    pub async fn sync_table(&self, table: &str) -> Result<(), ClientError> {
+        let table = table.to_owned();
+        self.rows(move |rows| {
+            rows.subscribe(&table)?;
+            rows.discover(&table)
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Edit a document (see [`Repo::change`]) and return once the change is
@@ -382,8 +430,8 @@ impl<S: Storage + 'static> Client<S> {
         f: impl FnOnce(&mut AutoCommit) -> Result<R, AutomergeError> + Send + 'static,
     ) -> Result<R, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::Run(Box::new(move |repo, ctx| {
-            match repo.change(&doc, f) {
+        self.command(Command::Run(Box::new(move |rows, ctx| {
+            match rows.repo_mut().change(&doc, f) {
                 Ok(r) => ctx.after_flush.push(Box::new(move |flushed| {
                     let _ = tx.send(flushed.map(|()| r).map_err(ClientError::Flush));
                 })),
@@ -436,12 +484,12 @@ impl<S: Storage + 'static> Client<S> {
     /// `false` while not connected.
     pub async fn acknowledged(&self, doc: DocumentId) -> Result<bool, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::Run(Box::new(move |repo, ctx| {
+        self.command(Command::Run(Box::new(move |rows, ctx| {
             let result = (|| {
                 let Some(conn) = ctx.connection else {
                     return Ok(false);
                 };
-                Ok(repo.is_acknowledged(conn, &doc)?)
+                Ok(rows.repo_mut().is_acknowledged(conn, &doc)?)
             })();
             let _ = tx.send(result);
         })))
@@ -602,7 +650,7 @@ enum Step<S: Storage> {
 }
 
 struct Driver<S: Storage> {
-    repo: Repo<S>,
+    rows: Rows<S>,
     url: String,
     config: ClientConfig,
     shared: Arc<Shared>,
@@ -658,7 +706,7 @@ impl<S: Storage + 'static> Driver<S> {
 
     fn command(&mut self, command: Command<S>) {
         match command {
-            Command::Run(job) => job(&mut self.repo, &mut self.ctx),
+            Command::Run(job) => job(&mut self.rows, &mut self.ctx),
             Command::Online(true) => {
                 if !self.want_online {
                     self.want_online = true;
@@ -673,7 +721,7 @@ impl<S: Storage + 'static> Driver<S> {
                 self.retry_at = None;
                 match &self.link {
                     // The leave frame and the close go out through `route`.
-                    Link::Up(up) => self.repo.close(up.connection),
+                    Link::Up(up) => self.rows.repo_mut().close(up.connection),
                     Link::Connecting(_) => self.link = Link::Idle,
                     Link::Idle => {}
                 }
@@ -739,7 +787,11 @@ impl<S: Storage + 'static> Driver<S> {
                     last_heard: now,
                     ping_at: self.config.ping_interval.map(|i| now + i),
                 }));
-                if let Err(e) = self.repo.connect(connection, Direction::Outgoing) {
+                if let Err(e) = self
+                    .rows
+                    .repo_mut()
+                    .connect(connection, Direction::Outgoing)
+                {
                     tracing::error!(error = %e, "cannot register the connection");
                     self.drop_link(e.to_string());
                 }
@@ -795,7 +847,7 @@ impl<S: Storage + 'static> Driver<S> {
         let counters = &self.shared.counters;
         Counters::add(&counters.frames_received, 1);
         Counters::add(&counters.bytes_received, bytes.len() as u64);
-        if let Err(e) = self.repo.receive(now_ms(), connection, &bytes) {
+        if let Err(e) = self.rows.repo_mut().receive(now_ms(), connection, &bytes) {
             tracing::warn!(error = %e, "frame not handled");
         }
     }
@@ -803,7 +855,7 @@ impl<S: Storage + 'static> Driver<S> {
     /// The socket is gone (or being closed by us): forget it, retry later.
     fn drop_link(&mut self, reason: String) {
         if let Link::Up(up) = std::mem::replace(&mut self.link, Link::Idle) {
-            self.repo.disconnect(up.connection);
+            self.rows.repo_mut().disconnect(up.connection);
             let _ = up.writer.send(WsMessage::Close(None));
             self.closing.push(up.writer_task);
         }
@@ -843,7 +895,7 @@ impl<S: Storage + 'static> Driver<S> {
     }
 
     fn flush(&mut self) {
-        let result = self.repo.flush().map(|_| ()).map_err(|e| {
+        let result = self.rows.repo_mut().flush().map(|_| ()).map_err(|e| {
             tracing::error!(error = %e, "local flush failed; its changes were dropped");
             e.to_string()
         });
@@ -853,7 +905,7 @@ impl<S: Storage + 'static> Driver<S> {
     }
 
     fn route(&mut self) {
-        while let Some(output) = self.repo.poll_output() {
+        while let Some(output) = self.rows.repo_mut().poll_output() {
             match output {
                 Output::Send { connection, frame } => {
                     if let Link::Up(up) = &self.link
@@ -883,6 +935,10 @@ impl<S: Storage + 'static> Driver<S> {
                     }
                 }
                 Output::Event(Event::Committed(event)) => {
+                    // A table catalog that changed may list rows we lack.
+                    if let Err(e) = self.rows.discover_catalog(&event.document) {
+                        tracing::warn!(error = %e, "cannot read a table catalog");
+                    }
                     let _ = self.shared.events.send(ClientEvent::Committed(event));
                 }
                 Output::Event(Event::DocumentUnavailable { document, .. }) => {
@@ -897,7 +953,7 @@ impl<S: Storage + 'static> Driver<S> {
     async fn shutdown(mut self) -> Repo<S> {
         self.want_online = false;
         if let Link::Up(up) = &self.link {
-            self.repo.close(up.connection);
+            self.rows.repo_mut().close(up.connection);
         }
         self.flush();
         self.route();
@@ -906,7 +962,7 @@ impl<S: Storage + 'static> Driver<S> {
         for task in self.closing.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
-        self.repo
+        self.rows.into_repo()
     }
 }
 
