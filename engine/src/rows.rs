@@ -76,6 +76,8 @@ pub struct Row {
     pub key: String,
     values: BTreeMap<String, Value>,
     conflicts: BTreeMap<String, Vec<Version>>,
+    /// Counter and text columns, as stored (the rest are registers).
+    kinds: BTreeMap<String, ColumnKind>,
 }
 
 impl Row {
@@ -95,6 +97,15 @@ impl Row {
     /// (whatever its strategy), oldest first.
     pub fn conflict(&self, column: &str) -> Option<&[Version]> {
         self.conflicts.get(column).map(Vec::as_slice)
+    }
+
+    /// A column's kind as stored in the row's document (registers unless
+    /// the document holds a counter or a text object there).
+    pub fn kind(&self, column: &str) -> ColumnKind {
+        self.kinds
+            .get(column)
+            .copied()
+            .unwrap_or(ColumnKind::Register)
     }
 
     /// Every register column with concurrent versions.
@@ -256,6 +267,19 @@ impl<S: Storage> Rows<S> {
         Ok(requested)
     }
 
+    /// The tables this store holds catalogs of, with their shard counts, by
+    /// reading every stored document (for tools such as `tandem export`;
+    /// applications know their tables).
+    pub fn stored_tables(&mut self) -> Result<BTreeMap<String, u32>, RowError> {
+        let mut out = BTreeMap::new();
+        for id in self.repo.document_ids()? {
+            if let Some((table, shards)) = self.repo.view(&id, catalog::identity)? {
+                out.insert(table, shards);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every (key, generation) the table's catalogs list, sorted by key.
     fn catalog_entries(&mut self, table: &str) -> Result<Vec<(String, u64)>, RowError> {
         let schema = self.schema(table);
@@ -297,7 +321,7 @@ impl<S: Storage> Rows<S> {
         }
         self.repo.change(&id, |d| {
             if catalog::generation(d, key) != Some(generation) {
-                catalog::put(d, &schema.name, shard, key, generation)?;
+                catalog::put(d, &schema.name, shard, schema.shards, key, generation)?;
             }
             Ok(())
         })?;

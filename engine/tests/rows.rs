@@ -594,3 +594,36 @@ fn a_late_update_over_the_protocol_to_a_purged_row_is_refused_and_reported() {
     );
     assert!(!hub.repo_mut().contains(&id).unwrap(), "not resurrected");
 }
+
+#[test]
+fn a_store_lists_its_tables_and_rows_say_which_columns_are_crdts() {
+    let schema = TableSchema::new("tasks")
+        .counter("votes")
+        .text("notes")
+        .shards(3);
+    let (mut a, _) = replica("a", &schema);
+    a.table("tasks")
+        .insert(
+            "t1",
+            [
+                ("title", s("x")),
+                ("votes", Value::Int(2)),
+                ("notes", s("n")),
+            ],
+        )
+        .unwrap();
+    a.table("other")
+        .insert("k", [("n", Value::Int(1))])
+        .unwrap();
+    a.flush().unwrap();
+    let tables = a.stored_tables().unwrap();
+    assert_eq!(
+        tables.into_iter().collect::<Vec<_>>(),
+        vec![("other".to_owned(), 16), ("tasks".to_owned(), 3)]
+    );
+    let row = a.table("tasks").get("t1").unwrap().unwrap();
+    use tandem_engine::rows::ColumnKind;
+    assert_eq!(row.kind("votes"), ColumnKind::Counter);
+    assert_eq!(row.kind("notes"), ColumnKind::Text);
+    assert_eq!(row.kind("title"), ColumnKind::Register);
+}

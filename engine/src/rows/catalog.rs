@@ -2,7 +2,7 @@
 //!
 //! A table's row index is `shards` catalog documents (ids derived from the
 //! table name and shard number, so every replica knows them without being
-//! told). Each holds `{"_table", "_shard", "rows": {key: generation}}`; a
+//! told). Each holds `{"_table", "_shard", "_shards", "rows": {key: generation}}`; a
 //! key lives in the shard its row id hashes to, so a 100,000-row table is
 //! spread over many small documents instead of one hot one. The `rows` map
 //! is created by a deterministic change, so catalogs created on two offline
@@ -16,6 +16,23 @@ use super::document::{deterministic_change, digest, row_id};
 use crate::DocumentId;
 
 pub(crate) const ROWS: &str = "rows";
+pub(crate) const SHARDS: &str = "_shards";
+
+/// The table name and shard count a catalog document declares.
+pub(crate) fn identity(doc: &impl ReadDoc) -> Option<(String, u32)> {
+    let table = match doc.get(ROOT, "_table").ok().flatten()? {
+        (AmValue::Scalar(s), _) => match s.as_ref() {
+            ScalarValue::Str(t) => t.to_string(),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let shards = match doc.get(ROOT, SHARDS).ok().flatten()? {
+        (v, _) => u32::try_from(as_generation(&v)?).ok()?,
+    };
+    rows_map(doc)?;
+    Some((table, shards))
+}
 
 /// The catalog document of one shard of a table.
 pub(crate) fn shard_id(table: &str, shard: u32) -> DocumentId {
@@ -31,14 +48,18 @@ pub(crate) fn shard_of(table: &str, key: &str, shards: u32) -> u32 {
 }
 
 /// The change that creates a shard's catalog (the same bytes everywhere).
-pub(crate) fn genesis(table: &str, shard: u32) -> Change {
-    let shard_text = shard.to_string();
-    deterministic_change(&["tandem/catalog-genesis", table, &shard_text], |d| {
-        d.put(ROOT, "_table", table)?;
-        d.put(ROOT, "_shard", u64::from(shard))?;
-        d.put_object(ROOT, ROWS, ObjType::Map)?;
-        Ok(())
-    })
+pub(crate) fn genesis(table: &str, shard: u32, shards: u32) -> Change {
+    let (shard_text, shards_text) = (shard.to_string(), shards.to_string());
+    deterministic_change(
+        &["tandem/catalog-genesis", table, &shard_text, &shards_text],
+        |d| {
+            d.put(ROOT, "_table", table)?;
+            d.put(ROOT, "_shard", u64::from(shard))?;
+            d.put(ROOT, SHARDS, u64::from(shards))?;
+            d.put_object(ROOT, ROWS, ObjType::Map)?;
+            Ok(())
+        },
+    )
 }
 
 /// The `rows` map of a catalog document, if it has one.
@@ -86,11 +107,12 @@ pub(crate) fn put(
     d: &mut AutoCommit,
     table: &str,
     shard: u32,
+    shards: u32,
     key: &str,
     generation: u64,
 ) -> Result<(), automerge::AutomergeError> {
     if rows_map(d).is_none() {
-        d.apply_changes([genesis(table, shard)])?;
+        d.apply_changes([genesis(table, shard, shards)])?;
     }
     let rows = rows_map(d).expect("genesis creates the map");
     d.put(&rows, key, generation)?;

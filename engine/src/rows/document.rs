@@ -283,18 +283,40 @@ pub(crate) fn cell(
     schema: &TableSchema,
     column: &str,
 ) -> (Option<Value>, Vec<Version>) {
+    let (value, versions, _) = typed_cell(doc, at, schema, column);
+    (value, versions)
+}
+
+/// [`cell`], and the column's kind as stored.
+pub(crate) fn typed_cell(
+    doc: &impl ReadDoc,
+    at: &At<'_>,
+    schema: &TableSchema,
+    column: &str,
+) -> (Option<Value>, Vec<Version>, ColumnKind) {
     let Some((value, obj)) = at.get_all(doc, &ROOT, column).into_iter().next_back() else {
-        return (None, Vec::new());
+        return (None, Vec::new(), ColumnKind::Register);
     };
     match value {
-        AmValue::Object(ObjType::Text) => (Some(Value::String(at.text(doc, &obj))), Vec::new()),
-        AmValue::Scalar(s) => (Value::from_scalar(&s), Vec::new()),
+        AmValue::Object(ObjType::Text) => (
+            Some(Value::String(at.text(doc, &obj))),
+            Vec::new(),
+            ColumnKind::Text,
+        ),
+        AmValue::Scalar(s) => {
+            let kind = if matches!(s.as_ref(), automerge::ScalarValue::Counter(_)) {
+                ColumnKind::Counter
+            } else {
+                ColumnKind::Register
+            };
+            (Value::from_scalar(&s), Vec::new(), kind)
+        }
         AmValue::Object(ObjType::Map) => {
             let versions = versions(doc, at, column);
             let value = schema.strategy_for(column).resolve(column, &versions);
-            (value, versions)
+            (value, versions, ColumnKind::Register)
         }
-        AmValue::Object(_) => (None, Vec::new()),
+        AmValue::Object(_) => (None, Vec::new(), ColumnKind::Register),
     }
 }
 
@@ -306,8 +328,12 @@ pub(crate) fn read(doc: &impl ReadDoc, at: &At<'_>, schema: &TableSchema) -> Opt
     }
     let mut values = BTreeMap::new();
     let mut conflicts = BTreeMap::new();
+    let mut kinds = BTreeMap::new();
     for column in columns(doc, at) {
-        let (value, versions) = cell(doc, at, schema, &column);
+        let (value, versions, kind) = typed_cell(doc, at, schema, &column);
+        if kind != ColumnKind::Register {
+            kinds.insert(column.clone(), kind);
+        }
         if let Some(v) = value {
             values.insert(column.clone(), v);
         }
@@ -319,5 +345,6 @@ pub(crate) fn read(doc: &impl ReadDoc, at: &At<'_>, schema: &TableSchema) -> Opt
         key: st.key.unwrap_or_default(),
         values,
         conflicts,
+        kinds,
     })
 }
