@@ -27,9 +27,8 @@ pub(crate) fn identity(doc: &impl ReadDoc) -> Option<(String, u32)> {
         },
         _ => return None,
     };
-    let shards = match doc.get(ROOT, SHARDS).ok().flatten()? {
-        (v, _) => u32::try_from(as_generation(&v)?).ok()?,
-    };
+    let (v, _) = doc.get(ROOT, SHARDS).ok().flatten()?;
+    let shards = u32::try_from(as_generation(&v)?).ok()?;
     rows_map(doc)?;
     Some((table, shards))
 }
