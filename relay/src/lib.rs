@@ -52,6 +52,7 @@ mod client;
 mod grants;
 pub mod metrics;
 mod server;
+pub mod tables;
 
 pub use auth::{AuthError, Claims, Grant, Scope, mint, verify};
 pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientStats, ConnectionState};
