@@ -60,7 +60,7 @@ use automerge::{AutoCommit, ObjType, ROOT, ReadDoc};
 
 pub use self::cleanup::CleanupReport;
 use self::document::At;
-pub use self::feed::{RowChange, RowEvent};
+pub use self::feed::{RowChange, RowEvent, Watch};
 pub use self::hlc::{HybridClock, Timestamp};
 pub use self::link::{LinkRun, SyncLink, SyncPoint};
 pub use self::schema::{ColumnKind, Resolver, Strategy, TableSchema, Version};

@@ -627,3 +627,40 @@ fn a_store_lists_its_tables_and_rows_say_which_columns_are_crdts() {
     assert_eq!(row.kind("notes"), ColumnKind::Text);
     assert_eq!(row.kind("title"), ColumnKind::Register);
 }
+
+#[test]
+fn a_watch_sees_its_tables_changes_since_the_last_poll() {
+    let schema = TableSchema::new("tasks");
+    let (mut a, _) = replica("a", &schema);
+    a.table("tasks")
+        .insert("old", [("n", Value::Int(0))])
+        .unwrap();
+    a.flush().unwrap();
+    let mut watch = a.watch("tasks").unwrap();
+    assert!(
+        watch.poll(&mut a).unwrap().is_empty(),
+        "only changes from now on"
+    );
+    a.table("tasks")
+        .insert("t1", [("n", Value::Int(1))])
+        .unwrap();
+    a.table("other")
+        .insert("x", [("n", Value::Int(1))])
+        .unwrap();
+    a.table("tasks").delete("old").unwrap();
+    a.flush().unwrap();
+    let seen: Vec<_> = watch
+        .poll(&mut a)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.key, e.change))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("t1".into(), RowChange::Inserted),
+            ("old".into(), RowChange::Deleted)
+        ]
+    );
+    assert!(watch.poll(&mut a).unwrap().is_empty());
+}

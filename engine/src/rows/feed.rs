@@ -51,7 +51,44 @@ pub struct RowEvent {
     pub origin: Origin,
 }
 
+/// A live view of one table's changes: each [`poll`](Watch::poll) returns
+/// the row events committed since the previous one (durable commits only:
+/// call it after a flush).
+#[derive(Clone, Debug)]
+pub struct Watch {
+    table: String,
+    cursor: Cursor,
+}
+
+impl Watch {
+    /// The row events of the table since the last poll.
+    pub fn poll<S: Storage>(&mut self, rows: &mut Rows<S>) -> Result<Vec<RowEvent>, RowError> {
+        let mut out = Vec::new();
+        loop {
+            let (events, next) = rows.changes(self.cursor, 1024)?;
+            out.extend(events.into_iter().filter(|e| e.table == self.table));
+            if next == self.cursor {
+                return Ok(out);
+            }
+            self.cursor = next;
+        }
+    }
+
+    /// Where the watch will resume.
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+}
+
 impl<S: Storage> Rows<S> {
+    /// Watch a table from now on (see [`Watch`]).
+    pub fn watch(&mut self, table: &str) -> Result<Watch, RowError> {
+        Ok(Watch {
+            table: table.to_owned(),
+            cursor: Cursor(self.repo.feed().last_seq()?),
+        })
+    }
+
     /// Row events of up to `limit` feed entries after `after`, and the cursor
     /// to resume from (save it once the events are processed; processing an
     /// event twice must be harmless, as upserts and deletes by key are).
