@@ -299,6 +299,55 @@ impl<S: Storage> Documents<S> {
         plans
     }
 
+    /// Add to `batch` the writes that fold everything stored for the
+    /// document (snapshot and incrementals) into one fresh snapshot of what
+    /// is in memory: `(stored bytes before, after, the plan to apply once
+    /// durable)`. No plan when the document is stored as one snapshot
+    /// already, or not at all. Call it with the document flushed (not dirty).
+    pub(crate) fn plan_compaction(
+        &mut self,
+        id: &DocumentId,
+        batch: &mut WriteBatch,
+    ) -> Result<(usize, usize, Option<SavePlan>), RepoError> {
+        // What storage holds is the truth (it may even hold a second
+        // snapshot whose delete was lost, which memory does not track).
+        let stored: Vec<(StorageKey, usize)> = self
+            .storage
+            .scan(&doc_prefix(id), None, usize::MAX)?
+            .into_iter()
+            .filter(|(key, _)| {
+                matches!(
+                    key.parts().get(1).map(String::as_str),
+                    Some("snapshot" | "incremental")
+                )
+            })
+            .map(|(key, value)| (key, value.len()))
+            .collect();
+        let before = stored.iter().map(|(_, n)| n).sum();
+        // Nothing stored but, say, a peer's sync state: nothing to fold.
+        let one_snapshot = stored.len() == 1 && stored[0].0.parts()[1] == "snapshot";
+        if stored.is_empty() || one_snapshot {
+            return Ok((before, before, None));
+        }
+        let Some(loaded) = self.get(id)? else {
+            return Err(RepoError::NotFound(*id));
+        };
+        let bytes = loaded.doc.save();
+        let key = doc_key(id, "snapshot", heads_hash(&loaded.doc.get_heads()));
+        for (old, _) in stored {
+            if old != key {
+                batch.delete(old);
+            }
+        }
+        let after = bytes.len();
+        batch.put(key.clone(), bytes);
+        let plan = SavePlan {
+            document: *id,
+            kind: SaveKind::Compacted { key, bytes: after },
+        };
+        Ok((before, after, Some(plan)))
+    }
+
     /// Record in memory what a durable batch wrote.
     pub(crate) fn apply(&mut self, plans: Vec<SavePlan>) {
         for plan in plans {

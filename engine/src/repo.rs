@@ -804,6 +804,25 @@ impl<S: Storage> Repo<S> {
     pub fn drain_outputs(&mut self) -> Vec<Output> {
         self.outputs.drain(..).collect()
     }
+
+    /// Compact one document now, whatever its size: flush what is pending,
+    /// then replace its stored snapshot and incrementals with one fresh
+    /// snapshot in one atomic storage transaction (a crash leaves either the
+    /// old chunks or the new snapshot). Returns the document's stored bytes
+    /// before and after; a document stored as a single snapshot already is
+    /// left as it is (both equal). Flushes compact on their own once the
+    /// incrementals outgrow the snapshot ([`DocumentsConfig`]); this is for
+    /// operators (`tandem compact`).
+    pub fn compact(&mut self, id: &DocumentId) -> Result<(usize, usize), RepoError> {
+        self.flush()?;
+        let mut batch = WriteBatch::new();
+        let (before, after, plan) = self.docs.plan_compaction(id, &mut batch)?;
+        if let Some(plan) = plan {
+            self.docs.storage.commit(&batch)?;
+            self.docs.apply(vec![plan]);
+        }
+        Ok((before, after))
+    }
 }
 
 fn sync_state_key(doc: &DocumentId, sid: &StorageId) -> StorageKey {

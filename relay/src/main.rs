@@ -128,6 +128,15 @@ enum Command {
         #[arg(long)]
         subject: Option<String>,
     },
+    /// Compact every document of a store: fold its incremental chunks into
+    /// one snapshot (atomically, document by document) and report the
+    /// documents and stored bytes before and after. The store must not be in
+    /// use: stop the relay first.
+    Compact {
+        /// Directory of the store.
+        #[arg(long, env = "TANDEM_DATA", default_value = "tandem-data")]
+        data: PathBuf,
+    },
     /// List the documents of a store with their heads and stored size.
     Inspect {
         /// Directory of the store.
@@ -203,6 +212,7 @@ async fn run() -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen} (in use? pass --listen)"))?;
             let addr = listener.local_addr()?;
+            let shutdown = shutdown_signal()?;
             println!(
                 "tandem relay listening on ws://{addr} (store {}, {})",
                 path.display(),
@@ -211,6 +221,11 @@ async fn run() -> Result<()> {
                 } else {
                     "tokens required"
                 }
+            );
+            // One stdout line only: scripts read the URL from it and may
+            // close the pipe after it.
+            tracing::info!(
+                "point automerge-repo clients (JS WebSocketClientAdapter, samod, tandem_relay::Client) at ws://{addr}; Ctrl-C or SIGTERM stops the relay after flushing"
             );
             let config = RelayConfig {
                 max_message_size: options
@@ -244,7 +259,7 @@ async fn run() -> Result<()> {
                 }
                 None => None,
             };
-            let mut repo = serve(listener, repo, config, shutdown_signal()).await;
+            let mut repo = serve(listener, repo, config, shutdown).await;
             let _ = stop_http.send(());
             if let Some(http) = http {
                 let _ = http.await;
@@ -302,6 +317,7 @@ async fn run() -> Result<()> {
             println!("{}", mint(secret.as_bytes(), &claims));
             Ok(())
         }
+        Command::Compact { data } => compact(&data),
         Command::Inspect { data, keys } => {
             let path = store_path(&data);
             if !path.exists() {
@@ -345,11 +361,74 @@ async fn run() -> Result<()> {
     }
 }
 
+/// `tandem compact`: every document folded into one snapshot.
+fn compact(data: &std::path::Path) -> Result<()> {
+    let path = store_path(data);
+    if !path.exists() {
+        bail!("no store at {} (pass --data)", path.display());
+    }
+    let storage = RedbStorage::open(&path).map_err(|e| {
+        // redb locks the file while a process has it open.
+        if e.to_string().contains("already open") {
+            anyhow::anyhow!(
+                "the store at {} is in use by another process (a running `tandem serve`?): \
+                 stop it, then run `tandem compact` again",
+                path.display()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("cannot open the store at {}", path.display()))
+        }
+    })?;
+    let mut repo = Repo::open(
+        storage,
+        RepoConfig::new(PeerId::new("tandem-compact")),
+        ServeOnRequest,
+    )?;
+    let ids = repo.document_ids()?;
+    let (mut before, mut after, mut rewritten) = (0usize, 0usize, 0usize);
+    let mut failed = 0usize;
+    for id in &ids {
+        match repo.compact(id) {
+            Ok((b, a)) => {
+                before += b;
+                after += a;
+                if a != b {
+                    rewritten += 1;
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("{}: not compacted: {e}", id.url());
+            }
+        }
+    }
+    let saved = match before {
+        0 => 0.0,
+        b => 100.0 * b.saturating_sub(after) as f64 / b as f64,
+    };
+    println!(
+        "store {}: {} documents, {rewritten} rewritten; document bytes {before} -> {after} ({saved:.0}% less)",
+        path.display(),
+        ids.len()
+    );
+    if failed > 0 {
+        bail!(
+            "{failed} of {} documents could not be compacted (listed above; the others were): \
+             `tandem inspect --data {}` shows what is wrong with them",
+            ids.len(),
+            data.display()
+        );
+    }
+    Ok(())
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,automerge=warn".into());
+    // Colours only on a terminal: logs piped to a file or CI stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -357,19 +436,30 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Install the SIGINT and SIGTERM handlers now, before the relay announces
+/// its URL (so a signal sent right after the banner is a graceful stop, not
+/// the default kill); the future completes on either.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("cannot install the SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term =
+            signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+        let mut int =
+            signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("shutting down: closing connections and flushing");
+        })
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down: closing connections and flushing");
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down: closing connections and flushing");
+        })
+    }
 }
