@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use tandem_engine::automerge::ReadDoc;
+use tandem_engine::rows::{Rows, TableSchema};
 use tandem_engine::{DocumentId, PeerId, RedbStorage, Repo, RepoConfig, ServeOnRequest};
 use tandem_relay::{Auth, Claims, Grant, RelayConfig, mint, serve};
 use tokio::net::TcpListener;
@@ -137,7 +138,8 @@ enum Command {
         #[arg(long, env = "TANDEM_DATA", default_value = "tandem-data")]
         data: PathBuf,
     },
-    /// List the documents of a store with their heads and stored size.
+    /// List the documents of a store with their heads and stored size, and
+    /// its tables with their row counts.
     Inspect {
         /// Directory of the store.
         #[arg(long, env = "TANDEM_DATA", default_value = "tandem-data")]
@@ -145,6 +147,35 @@ enum Command {
         /// Also print each document's root keys.
         #[arg(long)]
         keys: bool,
+        /// Also print every row of every table.
+        #[arg(long)]
+        rows: bool,
+    },
+    /// Write tables as JSON lines (one header line per table, then one line
+    /// per row), with a progress bar on a terminal. The store must not be in use.
+    Export {
+        /// Directory of the store.
+        #[arg(long, env = "TANDEM_DATA", default_value = "tandem-data")]
+        data: PathBuf,
+        /// Tables to export (repeatable) [default: every table].
+        #[arg(long = "table", value_name = "NAME")]
+        tables: Vec<String>,
+        /// Output file [default: standard output].
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Read JSON lines written by `tandem export` into a store (created if
+    /// missing), upserting every row. Importing the same file twice leaves the
+    /// same rows. The store must not be in use.
+    Import {
+        /// Directory of the store.
+        #[arg(long, env = "TANDEM_DATA", default_value = "tandem-data")]
+        data: PathBuf,
+        /// The JSON lines file (`-` for standard input).
+        file: PathBuf,
+        /// Rows per durable commit.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
     },
 }
 
@@ -318,16 +349,11 @@ async fn run() -> Result<()> {
             Ok(())
         }
         Command::Compact { data } => compact(&data),
-        Command::Inspect { data, keys } => {
+        Command::Export { data, tables, out } => export(&data, &tables, out.as_deref()),
+        Command::Import { data, file, batch } => import(&data, &file, batch),
+        Command::Inspect { data, keys, rows } => {
             let path = store_path(&data);
-            if !path.exists() {
-                bail!("no store at {} (pass --data)", path.display());
-            }
-            let mut repo = Repo::open(
-                RedbStorage::open(&path)?,
-                RepoConfig::new(PeerId::new("tandem-inspect")),
-                ServeOnRequest,
-            )?;
+            let mut repo = open_offline(&data, "inspect", false)?;
             let ids = repo.document_ids()?;
             println!(
                 "store {} ({}), {} documents",
@@ -356,34 +382,142 @@ async fn run() -> Result<()> {
                     Err(e) => println!("{}  error: {e}", id.url()),
                 }
             }
-            Ok(())
+            inspect_tables(Rows::with_system_clock(repo), rows)
         }
     }
 }
 
-/// `tandem compact`: every document folded into one snapshot.
-fn compact(data: &std::path::Path) -> Result<()> {
+/// The tables part of `tandem inspect`.
+fn inspect_tables(mut store: Rows<RedbStorage>, print_rows: bool) -> Result<()> {
+    let tables = store.stored_tables()?;
+    println!("{} tables", tables.len());
+    for (name, shards) in tables {
+        store.define(TableSchema::new(&name).shards(shards));
+        let all = store.table(&name).scan()?;
+        let conflicted = all.iter().filter(|r| !r.conflicts().is_empty()).count();
+        println!(
+            "table {name}: {} rows, {shards} catalog shards, {conflicted} rows with concurrent values",
+            all.len()
+        );
+        if print_rows {
+            for row in all {
+                let values: Vec<String> = row
+                    .values()
+                    .iter()
+                    .map(|(c, v)| format!("{c}={v}"))
+                    .collect();
+                println!("    {}  {}", row.key, values.join(" "));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Open a store for an offline command (`compact`, `inspect`, `export`,
+/// `import`), with errors that say what to do.
+fn open_offline(data: &std::path::Path, command: &str, create: bool) -> Result<Repo<RedbStorage>> {
     let path = store_path(data);
-    if !path.exists() {
-        bail!("no store at {} (pass --data)", path.display());
+    if !create && !path.exists() {
+        bail!("no store at {} (pass --data <DIR>)", path.display());
+    }
+    if create {
+        std::fs::create_dir_all(data)
+            .with_context(|| format!("cannot create the directory {}", data.display()))?;
     }
     let storage = RedbStorage::open(&path).map_err(|e| {
         // redb locks the file while a process has it open.
         if e.to_string().contains("already open") {
             anyhow::anyhow!(
                 "the store at {} is in use by another process (a running `tandem serve`?): \
-                 stop it, then run `tandem compact` again",
+                 stop it, then run `tandem {command}` again",
                 path.display()
             )
         } else {
             anyhow::Error::new(e).context(format!("cannot open the store at {}", path.display()))
         }
     })?;
-    let mut repo = Repo::open(
+    Ok(Repo::open(
         storage,
-        RepoConfig::new(PeerId::new("tandem-compact")),
+        RepoConfig::new(PeerId::new(format!("tandem-{command}"))),
         ServeOnRequest,
-    )?;
+    )?)
+}
+
+fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    let bar = match len {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::no_length(),
+    };
+    let template = if len.is_some() {
+        format!("{{bar:40}} {{pos}}/{{len}} {what} ({{per_sec}}, eta {{eta}})")
+    } else {
+        format!("{{spinner}} {{pos}} {what} ({{per_sec}})")
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// `tandem export`: tables as JSON lines.
+fn export(data: &std::path::Path, tables: &[String], out: Option<&std::path::Path>) -> Result<()> {
+    let mut rows = Rows::with_system_clock(open_offline(data, "export", false)?);
+    let mut sink: Box<dyn std::io::Write> = match out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let bar = progress_bar(None, "rows");
+    let report = tandem_relay::tables::export(&mut rows, tables, &mut sink, |done, total| {
+        if bar.length().is_none() {
+            bar.set_length(total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} rows ({per_sec}, eta {eta})",
+            ) {
+                bar.set_style(style);
+            }
+        }
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    eprintln!("exported {} tables, {} rows", report.tables, report.rows);
+    Ok(())
+}
+
+/// `tandem import`: JSON lines into a store.
+fn import(data: &std::path::Path, file: &std::path::Path, batch: usize) -> Result<()> {
+    let (input, len): (Box<dyn std::io::BufRead>, Option<u64>) = if file.as_os_str() == "-" {
+        (
+            Box::new(std::io::BufReader::new(std::io::stdin().lock())),
+            None,
+        )
+    } else {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let len = f.metadata().ok().map(|m| m.len());
+        (Box::new(std::io::BufReader::new(f)), len)
+    };
+    let mut rows = Rows::with_system_clock(open_offline(data, "import", true)?);
+    let bar = progress_bar(len, "bytes");
+    let report = tandem_relay::tables::import(&mut rows, input, batch, |_, read| {
+        bar.set_position(read);
+    })
+    .with_context(|| format!("importing {}", file.display()))?;
+    bar.finish_and_clear();
+    eprintln!(
+        "imported {} tables, {} rows into {}",
+        report.tables,
+        report.rows,
+        store_path(data).display()
+    );
+    Ok(())
+}
+
+/// `tandem compact`: every document folded into one snapshot.
+fn compact(data: &std::path::Path) -> Result<()> {
+    let path = store_path(data);
+    let mut repo = open_offline(data, "compact", false)?;
     let ids = repo.document_ids()?;
     let (mut before, mut after, mut rewritten) = (0usize, 0usize, 0usize);
     let mut failed = 0usize;
