@@ -377,6 +377,14 @@ impl<S: Storage> Repo<S> {
                 return Ok(());
             }
         };
+        if let Some(i) = message.changes.iter().position(|c| !chunks_well_formed(c)) {
+            self.fail(
+                cid,
+                format!("invalid automerge sync message for {doc}: change chunk {i} is malformed"),
+            );
+            return Ok(());
+        }
+
         // The peer takes part in this document from now on (subscribed),
         // even if we do not have it yet: it gets it as soon as another peer
         // brings it.
@@ -611,4 +619,52 @@ impl<S: Storage> Repo<S> {
             data,
         }));
     }
+}
+
+/// Whether a sync message's change data is a sequence of well-formed
+/// automerge chunks: magic bytes, a length that fits, and (except for
+/// compressed changes, whose checksum covers the uncompressed bytes) a
+/// checksum that matches. automerge skips chunks that fail to parse (a
+/// partial load) instead of reporting them, so the repo checks first.
+fn chunks_well_formed(mut bytes: &[u8]) -> bool {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    const COMPRESSED: u8 = 2;
+    while !bytes.is_empty() {
+        if bytes.len() < 10 || bytes[..4] != MAGIC {
+            return false;
+        }
+        let checksum = &bytes[4..8];
+        let kind = bytes[8];
+        let (mut len, mut used, mut shift) = (0u64, 0usize, 0u32);
+        loop {
+            let Some(&b) = bytes.get(9 + used) else {
+                return false;
+            };
+            used += 1;
+            if shift > 56 {
+                return false;
+            }
+            len |= u64::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let start = 9 + used;
+        let Some(end) = usize::try_from(len).ok().and_then(|l| start.checked_add(l)) else {
+            return false;
+        };
+        if end > bytes.len() {
+            return false;
+        }
+        if kind != COMPRESSED {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(&bytes[8..end]);
+            if digest[..4] != *checksum {
+                return false;
+            }
+        }
+        bytes = &bytes[end..];
+    }
+    true
 }
