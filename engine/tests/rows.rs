@@ -664,3 +664,22 @@ fn a_watch_sees_its_tables_changes_since_the_last_poll() {
     );
     assert!(watch.poll(&mut a).unwrap().is_empty());
 }
+
+#[test]
+fn a_feed_consumer_behind_a_purge_still_sees_the_delete() {
+    let schema = TableSchema::new("t");
+    let (mut a, _) = replica("a", &schema);
+    a.table("t").insert("k", [("v", Value::Int(1))]).unwrap();
+    a.flush().unwrap();
+    let (_, cursor) = a.changes(Cursor::START, 100).unwrap();
+    a.table("t").delete("k").unwrap();
+    a.flush().unwrap();
+    // No members: nobody to wait for, the row is purged at once.
+    assert_eq!(a.cleanup().unwrap().purged.len(), 1);
+    let (events, _) = a.changes(cursor, 100).unwrap();
+    let seen: Vec<_> = events
+        .iter()
+        .map(|e| (e.key.as_str(), e.change.clone()))
+        .collect();
+    assert!(seen.contains(&("k", RowChange::Deleted)), "{seen:?}");
+}

@@ -81,6 +81,19 @@ impl Watch {
 }
 
 impl<S: Storage> Rows<S> {
+    /// The (table, key) of a row this store purged.
+    fn purged_row(&self, id: &crate::DocumentId) -> Result<Option<(String, String)>, RowError> {
+        let Some(marker) = self.repo.purge_marker(id)? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&marker);
+        let mut parts = text.split('\0');
+        Ok(match (parts.next(), parts.next()) {
+            (Some(t), Some(k)) => Some((t.to_owned(), k.to_owned())),
+            _ => None,
+        })
+    }
+
     /// Watch a table from now on (see [`Watch`]).
     pub fn watch(&mut self, table: &str) -> Result<Watch, RowError> {
         Ok(Watch {
@@ -111,7 +124,19 @@ impl<S: Storage> Rows<S> {
     pub fn row_events(&mut self, entry: &FeedEvent) -> Result<Vec<RowEvent>, RowError> {
         let id = entry.document;
         if !self.repo.contains(&id)? {
-            return Ok(Vec::new());
+            // A purged row: whatever this entry was, the row ends deleted, so
+            // a consumer behind the purge still learns of the delete (and
+            // repeated deletes by key are harmless to it).
+            return Ok(self.purged_row(&id)?.map_or_else(Vec::new, |(table, key)| {
+                vec![RowEvent {
+                    seq: entry.seq,
+                    table,
+                    key,
+                    change: RowChange::Deleted,
+                    columns: BTreeMap::new(),
+                    origin: entry.origin.clone(),
+                }]
+            }));
         }
         let table = match self
             .repo
@@ -124,7 +149,10 @@ impl<S: Storage> Rows<S> {
         };
         let schema = self.schema(&table);
         let events = self.repo.view(&id, |d| {
-            let after = At(Some(&entry.heads));
+            // Reading at past heads recomputes automerge's clock for them;
+            // a consumer that keeps up reads the current state instead.
+            let current = d.get_heads() == entry.heads;
+            let after = At((!current).then_some(entry.heads.as_slice()));
             let st_after = document::state(d, &after);
             let Some(key) = st_after.key.clone() else {
                 return Vec::new(); // a catalog document
