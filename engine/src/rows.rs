@@ -52,7 +52,9 @@ mod link;
 mod schema;
 mod value;
 
+use std::borrow::BorrowMut;
 use std::collections::{BTreeMap, HashMap};
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use automerge::transaction::Transactable;
@@ -114,32 +116,35 @@ impl Row {
     }
 }
 
-/// A store of tables over a [`Repo`]. It owns the repo: network drivers
-/// reach it through [`repo_mut`](Self::repo_mut).
-pub struct Rows<S: Storage> {
-    repo: Repo<S>,
+/// A store of tables over a [`Repo`]. It usually owns the repo (network
+/// drivers reach it through [`repo_mut`](Self::repo_mut)); `R` may also be a
+/// `&mut Repo<S>`, to work on a repo owned elsewhere (the browser driver).
+pub struct Rows<S: Storage, R: BorrowMut<Repo<S>> = Repo<S>> {
+    repo: R,
+    _storage: PhantomData<fn() -> S>,
     schemas: HashMap<String, Arc<TableSchema>>,
     clock: HybridClock,
     now: Box<dyn FnMut() -> u64 + Send>,
     replica: String,
 }
 
-impl<S: Storage> std::fmt::Debug for Rows<S> {
+impl<S: Storage, R: BorrowMut<Repo<S>>> std::fmt::Debug for Rows<S, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rows")
-            .field("repo", &self.repo)
+            .field("repo", self.repo.borrow())
             .field("tables", &self.schemas.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
 
-impl<S: Storage> Rows<S> {
+impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
     /// Tables over `repo`, reading wall-clock milliseconds from `now` (the
     /// engine reads no clock itself; tests pass a fake one).
-    pub fn new(repo: Repo<S>, now: impl FnMut() -> u64 + Send + 'static) -> Self {
-        let replica = repo.storage_id().as_str().to_owned();
+    pub fn new(repo: R, now: impl FnMut() -> u64 + Send + 'static) -> Self {
+        let replica = repo.borrow().storage_id().as_str().to_owned();
         Self {
             repo,
+            _storage: PhantomData,
             schemas: HashMap::new(),
             clock: HybridClock::default(),
             now: Box::new(now),
@@ -149,7 +154,7 @@ impl<S: Storage> Rows<S> {
 
     /// Tables over `repo` with the system clock.
     #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
-    pub fn with_system_clock(repo: Repo<S>) -> Self {
+    pub fn with_system_clock(repo: R) -> Self {
         Self::new(repo, || {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -178,26 +183,26 @@ impl<S: Storage> Rows<S> {
 
     /// The repo underneath.
     pub fn repo(&self) -> &Repo<S> {
-        &self.repo
+        self.repo.borrow()
     }
 
     /// The repo underneath, for network drivers.
     pub fn repo_mut(&mut self) -> &mut Repo<S> {
-        &mut self.repo
+        self.repo.borrow_mut()
     }
 
     /// Give the repo back.
-    pub fn into_repo(self) -> Repo<S> {
+    pub fn into_repo(self) -> R {
         self.repo
     }
 
     /// Make every change so far durable (the repo's group commit).
     pub fn flush(&mut self) -> Result<FlushReport, RowError> {
-        Ok(self.repo.flush()?)
+        Ok(self.repo_mut().flush()?)
     }
 
     /// A handle on one table.
-    pub fn table(&mut self, name: &str) -> Table<'_, S> {
+    pub fn table(&mut self, name: &str) -> Table<'_, S, R> {
         let schema = self.schema(name);
         Table { rows: self, schema }
     }
@@ -208,7 +213,7 @@ impl<S: Storage> Rows<S> {
         let schema = self.schema(table);
         for shard in 0..schema.shards {
             let id = catalog::shard_id(table, shard);
-            match self.repo.request(id) {
+            match self.repo_mut().request(id) {
                 Ok(()) | Err(RepoError::Purged(_)) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -231,10 +236,10 @@ impl<S: Storage> Rows<S> {
         &mut self,
         document: &DocumentId,
     ) -> Result<Option<(String, usize)>, RowError> {
-        if !self.repo.contains(document)? {
+        if !self.repo_mut().contains(document)? {
             return Ok(None);
         }
-        let (table, entries) = self.repo.view(document, |d| {
+        let (table, entries) = self.repo_mut().view(document, |d| {
             let st = document::state(d, &At(None));
             match (st.table, st.key, catalog::rows_map(d)) {
                 (Some(t), None, Some(_)) => (Some(t), catalog::entries(d)),
@@ -257,10 +262,10 @@ impl<S: Storage> Rows<S> {
         let mut requested = 0;
         for (key, generation) in entries {
             let id = document::row_id(table, &key, generation);
-            let empty =
-                !self.repo.contains(&id)? || self.repo.view(&id, |d| d.get_heads().is_empty())?;
-            if empty && self.repo.purge_marker(&id)?.is_none() {
-                self.repo.request(id)?;
+            let empty = !self.repo_mut().contains(&id)?
+                || self.repo_mut().view(&id, |d| d.get_heads().is_empty())?;
+            if empty && self.repo_mut().purge_marker(&id)?.is_none() {
+                self.repo_mut().request(id)?;
                 requested += 1;
             }
         }
@@ -272,8 +277,8 @@ impl<S: Storage> Rows<S> {
     /// applications know their tables).
     pub fn stored_tables(&mut self) -> Result<BTreeMap<String, u32>, RowError> {
         let mut out = BTreeMap::new();
-        for id in self.repo.document_ids()? {
-            if let Some((table, shards)) = self.repo.view(&id, catalog::identity)? {
+        for id in self.repo_mut().document_ids()? {
+            if let Some((table, shards)) = self.repo_mut().view(&id, catalog::identity)? {
                 out.insert(table, shards);
             }
         }
@@ -286,8 +291,8 @@ impl<S: Storage> Rows<S> {
         let mut out = Vec::new();
         for shard in 0..schema.shards {
             let id = catalog::shard_id(table, shard);
-            if self.repo.contains(&id)? {
-                out.extend(self.repo.view(&id, catalog::entries)?);
+            if self.repo_mut().contains(&id)? {
+                out.extend(self.repo_mut().view(&id, catalog::entries)?);
             }
         }
         out.sort();
@@ -298,8 +303,8 @@ impl<S: Storage> Rows<S> {
     fn locate(&mut self, schema: &TableSchema, key: &str) -> Result<(DocumentId, u64), RowError> {
         let shard = catalog::shard_of(&schema.name, key, schema.shards);
         let catalog_id = catalog::shard_id(&schema.name, shard);
-        let generation = if self.repo.contains(&catalog_id)? {
-            self.repo
+        let generation = if self.repo_mut().contains(&catalog_id)? {
+            self.repo_mut()
                 .view(&catalog_id, |d| catalog::generation(d, key))?
                 .unwrap_or(0)
         } else {
@@ -316,10 +321,10 @@ impl<S: Storage> Rows<S> {
     ) -> Result<(), RowError> {
         let shard = catalog::shard_of(&schema.name, key, schema.shards);
         let id = catalog::shard_id(&schema.name, shard);
-        if !self.repo.contains(&id)? {
-            self.repo.create_with_id(id)?;
+        if !self.repo_mut().contains(&id)? {
+            self.repo_mut().create_with_id(id)?;
         }
-        self.repo.change(&id, |d| {
+        self.repo_mut().change(&id, |d| {
             if catalog::generation(d, key) != Some(generation) {
                 catalog::put(d, &schema.name, shard, schema.shards, key, generation)?;
             }
@@ -343,12 +348,12 @@ enum Mode {
 }
 
 /// One table of a [`Rows`] store.
-pub struct Table<'a, S: Storage> {
-    rows: &'a mut Rows<S>,
+pub struct Table<'a, S: Storage, R: BorrowMut<Repo<S>> = Repo<S>> {
+    rows: &'a mut Rows<S, R>,
     schema: Arc<TableSchema>,
 }
 
-impl<S: Storage> std::fmt::Debug for Table<'_, S> {
+impl<S: Storage, R: BorrowMut<Repo<S>>> std::fmt::Debug for Table<'_, S, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Table")
             .field("schema", &self.schema)
@@ -356,7 +361,7 @@ impl<S: Storage> std::fmt::Debug for Table<'_, S> {
     }
 }
 
-impl<S: Storage> Table<'_, S> {
+impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
     /// The table's schema.
     pub fn schema(&self) -> &TableSchema {
         &self.schema
@@ -394,10 +399,10 @@ impl<S: Storage> Table<'_, S> {
     /// Flag the row deleted.
     pub fn delete(&mut self, key: &str) -> Result<(), RowError> {
         let id = self.live(key)?;
-        let seen = self.rows.repo.view(&id, document::latest_timestamp)?;
+        let seen = self.rows.repo_mut().view(&id, document::latest_timestamp)?;
         let ts = self.rows.tick(seen.as_ref());
         self.rows
-            .repo
+            .repo_mut()
             .change(&id, |d| document::put_deleted(d, &ts))?;
         Ok(())
     }
@@ -407,7 +412,7 @@ impl<S: Storage> Table<'_, S> {
         self.expect_kind(column, ColumnKind::Counter)?;
         let id = self.live(key)?;
         let schema = self.schema.clone();
-        self.rows.repo.change(&id, |d| {
+        self.rows.repo_mut().change(&id, |d| {
             ensure_columns(d, &id, &schema)?;
             d.increment(ROOT, column, by)
         })?;
@@ -426,7 +431,7 @@ impl<S: Storage> Table<'_, S> {
         self.expect_kind(column, ColumnKind::Text)?;
         let id = self.live(key)?;
         let schema = self.schema.clone();
-        self.rows.repo.change(&id, |d| {
+        self.rows.repo_mut().change(&id, |d| {
             ensure_columns(d, &id, &schema)?;
             let obj = text_obj(d, column)?;
             d.splice_text(&obj, index, delete, text)
@@ -437,13 +442,13 @@ impl<S: Storage> Table<'_, S> {
     /// The live row with this key.
     pub fn get(&mut self, key: &str) -> Result<Option<Row>, RowError> {
         let (id, _) = self.rows.locate(&self.schema, key)?;
-        if !self.rows.repo.contains(&id)? {
+        if !self.rows.repo_mut().contains(&id)? {
             return Ok(None);
         }
         let schema = self.schema.clone();
         Ok(self
             .rows
-            .repo
+            .repo_mut()
             .view(&id, |d| document::read(d, &At(None), &schema))?)
     }
 
@@ -455,13 +460,13 @@ impl<S: Storage> Table<'_, S> {
         let mut out = Vec::with_capacity(entries.len());
         for (key, generation) in entries {
             let id = document::row_id(&name, &key, generation);
-            if !self.rows.repo.contains(&id)? {
+            if !self.rows.repo_mut().contains(&id)? {
                 continue;
             }
             let schema = self.schema.clone();
             if let Some(row) = self
                 .rows
-                .repo
+                .repo_mut()
                 .view(&id, |d| document::read(d, &At(None), &schema))?
             {
                 out.push(row);
@@ -479,7 +484,7 @@ impl<S: Storage> Table<'_, S> {
         };
         Ok(self
             .rows
-            .repo
+            .repo_mut()
             .view(&id, |d| document::versions(d, &At(None), column))?)
     }
 
@@ -512,12 +517,12 @@ impl<S: Storage> Table<'_, S> {
     /// The document of a live row, or `NotFound`.
     fn live(&mut self, key: &str) -> Result<DocumentId, RowError> {
         let (id, _) = self.rows.locate(&self.schema, key)?;
-        if !self.rows.repo.contains(&id)? {
+        if !self.rows.repo_mut().contains(&id)? {
             return Err(self.not_found(key));
         }
         if self
             .rows
-            .repo
+            .repo_mut()
             .view(&id, |d| document::state(d, &At(None)).live())?
         {
             Ok(id)
@@ -537,9 +542,9 @@ impl<S: Storage> Table<'_, S> {
         }
         let schema = self.schema.clone();
         let (id, generation) = self.rows.locate(&schema, key)?;
-        let exists = self.rows.repo.contains(&id)?;
+        let exists = self.rows.repo_mut().contains(&id)?;
         let (live, seen) = if exists {
-            self.rows.repo.view(&id, |d| {
+            self.rows.repo_mut().view(&id, |d| {
                 (
                     document::state(d, &At(None)).live(),
                     document::latest_timestamp(d),
@@ -560,7 +565,7 @@ impl<S: Storage> Table<'_, S> {
             (Mode::Insert | Mode::Upsert, false) => true,
         };
         if !exists {
-            match self.rows.repo.create_with_id(id) {
+            match self.rows.repo_mut().create_with_id(id) {
                 Ok(()) => {}
                 Err(RepoError::Purged(_)) => {
                     return Err(RowError::Purged {
@@ -572,7 +577,7 @@ impl<S: Storage> Table<'_, S> {
             }
         }
         let ts = self.rows.tick(seen.as_ref());
-        self.rows.repo.change(&id, |d| {
+        self.rows.repo_mut().change(&id, |d| {
             ensure_columns(d, &id, &schema)?;
             if revive {
                 clear(d, &schema)?;

@@ -683,3 +683,25 @@ fn a_feed_consumer_behind_a_purge_still_sees_the_delete() {
         .collect();
     assert!(seen.contains(&("k", RowChange::Deleted)), "{seen:?}");
 }
+
+#[test]
+fn rows_can_borrow_a_repo_owned_elsewhere() {
+    let mut repo = Repo::open(
+        MemoryStorage::new(),
+        RepoConfig::new(PeerId::new("tab")),
+        ShareAll,
+    )
+    .unwrap();
+    {
+        let mut rows = Rows::new(&mut repo, || 5);
+        rows.table("t").insert("k", [("v", Value::Int(1))]).unwrap();
+    }
+    repo.flush().unwrap();
+    // A later borrow (a fresh clock) reads and writes the same rows.
+    let mut rows = Rows::new(&mut repo, || 5);
+    rows.table("t").update("k", [("v", Value::Int(2))]).unwrap();
+    assert_eq!(
+        rows.table("t").get("k").unwrap().unwrap().get("v"),
+        Some(&Value::Int(2))
+    );
+}

@@ -11,6 +11,9 @@
 //! again makes a fresh row. A member that has not acknowledged blocks the
 //! purge; [`Rows::retire_member`] removes it from the membership.
 
+use std::borrow::BorrowMut;
+
+use crate::Repo;
 use std::collections::BTreeSet;
 
 use automerge::{ChangeHash, ReadDoc};
@@ -59,17 +62,17 @@ fn decode_heads(bytes: &[u8]) -> Vec<ChangeHash> {
 
 /// After a link run: `peer` holds the same heads as `rows` for `docs`.
 /// Recorded only for deleted rows, the only ones cleanup asks about.
-pub(crate) fn record_acks<S: Storage>(
-    rows: &mut Rows<S>,
+pub(crate) fn record_acks<S: Storage, R: BorrowMut<Repo<S>>>(
+    rows: &mut Rows<S, R>,
     peer: &StorageId,
     docs: &[DocumentId],
 ) -> Result<(), RowError> {
     let mut batch = WriteBatch::new();
     for id in docs {
-        if !rows.repo.contains(id)? {
+        if !rows.repo_mut().contains(id)? {
             continue;
         }
-        let (deleted, heads) = rows.repo.view(id, |d| {
+        let (deleted, heads) = rows.repo_mut().view(id, |d| {
             let st = document::state(d, &At(None));
             (st.key.is_some() && st.deleted.is_some(), d.get_heads())
         })?;
@@ -79,24 +82,24 @@ pub(crate) fn record_acks<S: Storage>(
         }
     }
     if !batch.is_empty() {
-        rows.repo.storage().commit(&batch)?;
+        rows.repo_mut().storage().commit(&batch)?;
     }
     Ok(())
 }
 
-impl<S: Storage> Rows<S> {
+impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
     /// Add a replica (by storage id) whose acknowledgement deletes wait for.
     /// Replication links add both ends; storing peers connected when
     /// [`cleanup`](Self::cleanup) runs are added too.
     pub fn add_member(&mut self, sid: &StorageId) -> Result<(), RowError> {
-        if sid == self.repo.storage_id() {
+        if sid == self.repo().storage_id() {
             return Ok(());
         }
         let key = member_key(sid)?;
-        if self.repo.storage().get(&key)?.is_none() {
+        if self.repo_mut().storage().get(&key)?.is_none() {
             let mut batch = WriteBatch::new();
             batch.put(key, Vec::new());
-            self.repo.storage().commit(&batch)?;
+            self.repo_mut().storage().commit(&batch)?;
         }
         Ok(())
     }
@@ -107,7 +110,7 @@ impl<S: Storage> Rows<S> {
     pub fn retire_member(&mut self, sid: &StorageId) -> Result<(), RowError> {
         let mut batch = WriteBatch::new();
         batch.delete(member_key(sid)?);
-        self.repo.storage().commit(&batch)?;
+        self.repo_mut().storage().commit(&batch)?;
         Ok(())
     }
 
@@ -115,7 +118,7 @@ impl<S: Storage> Rows<S> {
     pub fn members(&self) -> Result<Vec<StorageId>, RowError> {
         let prefix = StorageKey::new(["~member"])?;
         Ok(self
-            .repo
+            .repo()
             .storage()
             .scan(&prefix, None, usize::MAX)?
             .into_iter()
@@ -126,7 +129,7 @@ impl<S: Storage> Rows<S> {
     /// Purge every deleted row that all members have acknowledged; report
     /// the ones still waiting and for whom.
     pub fn cleanup(&mut self) -> Result<CleanupReport, RowError> {
-        for peer in self.repo.peers() {
+        for peer in self.repo_mut().peers() {
             if let (Some(sid), false) = (&peer.storage_id, peer.ephemeral) {
                 self.add_member(sid)?;
             }
@@ -134,10 +137,10 @@ impl<S: Storage> Rows<S> {
         self.note_tombstones()?;
         let members = self.members()?;
         let mut report = CleanupReport::default();
-        let tombs = self
-            .repo
-            .storage()
-            .scan(&StorageKey::new(["~tomb"])?, None, usize::MAX)?;
+        let tombs =
+            self.repo_mut()
+                .storage()
+                .scan(&StorageKey::new(["~tomb"])?, None, usize::MAX)?;
         for (key, _) in tombs {
             let Some(id) = key
                 .parts()
@@ -148,25 +151,28 @@ impl<S: Storage> Rows<S> {
             };
             let mut done = WriteBatch::new();
             done.delete(key.clone());
-            if !self.repo.contains(&id)? {
-                self.repo.storage().commit(&done)?;
+            if !self.repo_mut().contains(&id)? {
+                self.repo_mut().storage().commit(&done)?;
                 continue;
             }
             let (st, heads) = self
-                .repo
+                .repo_mut()
                 .view(&id, |d| (document::state(d, &At(None)), d.get_heads()))?;
             let (Some(table), Some(row_key), Some(_)) = (st.table, st.key, st.deleted) else {
                 // Revived (or not a row): nothing to clean.
-                self.repo.storage().commit(&done)?;
+                self.repo_mut().storage().commit(&done)?;
                 continue;
             };
             let mut lagging = Vec::new();
             for sid in &members {
-                let mut acked = self.repo.acknowledged_heads(&id, sid)?.unwrap_or_default();
-                if let Some(bytes) = self.repo.storage().get(&ack_key(&id, sid)?)? {
+                let mut acked = self
+                    .repo_mut()
+                    .acknowledged_heads(&id, sid)?
+                    .unwrap_or_default();
+                if let Some(bytes) = self.repo_mut().storage().get(&ack_key(&id, sid)?)? {
                     acked.extend(decode_heads(&bytes));
                 }
-                let covered = self.repo.view(&id, |d| covers(d, &acked, &heads))?;
+                let covered = self.repo_mut().view(&id, |d| covers(d, &acked, &heads))?;
                 if !covered {
                     lagging.push(sid.clone());
                 }
@@ -179,7 +185,7 @@ impl<S: Storage> Rows<S> {
             for sid in &members {
                 done.delete(ack_key(&id, sid)?);
             }
-            self.repo.storage().commit(&done)?;
+            self.repo_mut().storage().commit(&done)?;
             report.purged.push((table, row_key));
         }
         Ok(report)
@@ -188,16 +194,16 @@ impl<S: Storage> Rows<S> {
     /// Record a tombstone for every row the feed shows deleted since the
     /// last cleanup.
     fn note_tombstones(&mut self) -> Result<(), RowError> {
-        let mut cursor = self.repo.feed().cursor(CURSOR)?;
+        let mut cursor = self.repo_mut().feed().cursor(CURSOR)?;
         loop {
-            let page = self.repo.feed().read(cursor, 4096)?;
+            let page = self.repo_mut().feed().read(cursor, 4096)?;
             let Some(last) = page.last() else { break };
             let last = Cursor(last.seq);
             let docs: BTreeSet<DocumentId> = page.into_iter().map(|e| e.document).collect();
             let mut batch = WriteBatch::new();
             for id in docs {
-                if self.repo.contains(&id)?
-                    && self.repo.view(&id, |d| {
+                if self.repo_mut().contains(&id)?
+                    && self.repo_mut().view(&id, |d| {
                         let st = document::state(d, &At(None));
                         st.key.is_some() && st.deleted.is_some()
                     })?
@@ -206,9 +212,9 @@ impl<S: Storage> Rows<S> {
                 }
             }
             if !batch.is_empty() {
-                self.repo.storage().commit(&batch)?;
+                self.repo_mut().storage().commit(&batch)?;
             }
-            self.repo.feed().save_cursor(CURSOR, last)?;
+            self.repo_mut().feed().save_cursor(CURSOR, last)?;
             cursor = last;
         }
         Ok(())
@@ -218,7 +224,7 @@ impl<S: Storage> Rows<S> {
         let schema = self.schema(table);
         let (current, generation) = self.locate(&schema, key)?;
         let marker = format!("{table}\0{key}\0{generation}").into_bytes();
-        self.repo.purge(id, marker)?;
+        self.repo_mut().purge(id, marker)?;
         if current == *id {
             // The key's next insert makes a fresh row document.
             self.list_in_catalog(&schema, key, generation + 1)?;

@@ -1,5 +1,8 @@
 //! Change data capture for rows: the durable change feed, read as row events.
 
+use std::borrow::BorrowMut;
+
+use crate::Repo;
 use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::{Prop, ReadDoc};
@@ -62,7 +65,10 @@ pub struct Watch {
 
 impl Watch {
     /// The row events of the table since the last poll.
-    pub fn poll<S: Storage>(&mut self, rows: &mut Rows<S>) -> Result<Vec<RowEvent>, RowError> {
+    pub fn poll<S: Storage, R: BorrowMut<Repo<S>>>(
+        &mut self,
+        rows: &mut Rows<S, R>,
+    ) -> Result<Vec<RowEvent>, RowError> {
         let mut out = Vec::new();
         loop {
             let (events, next) = rows.changes(self.cursor, 1024)?;
@@ -80,10 +86,10 @@ impl Watch {
     }
 }
 
-impl<S: Storage> Rows<S> {
+impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
     /// The (table, key) of a row this store purged.
     fn purged_row(&self, id: &crate::DocumentId) -> Result<Option<(String, String)>, RowError> {
-        let Some(marker) = self.repo.purge_marker(id)? else {
+        let Some(marker) = self.repo().purge_marker(id)? else {
             return Ok(None);
         };
         let text = String::from_utf8_lossy(&marker);
@@ -98,7 +104,7 @@ impl<S: Storage> Rows<S> {
     pub fn watch(&mut self, table: &str) -> Result<Watch, RowError> {
         Ok(Watch {
             table: table.to_owned(),
-            cursor: Cursor(self.repo.feed().last_seq()?),
+            cursor: Cursor(self.repo_mut().feed().last_seq()?),
         })
     }
 
@@ -110,7 +116,7 @@ impl<S: Storage> Rows<S> {
         after: Cursor,
         limit: usize,
     ) -> Result<(Vec<RowEvent>, Cursor), RowError> {
-        let entries = self.repo.feed().read(after, limit)?;
+        let entries = self.repo_mut().feed().read(after, limit)?;
         let next = entries.last().map_or(after, |e| Cursor(e.seq));
         let mut out = Vec::new();
         for entry in &entries {
@@ -123,7 +129,7 @@ impl<S: Storage> Rows<S> {
     /// or the document is gone).
     pub fn row_events(&mut self, entry: &FeedEvent) -> Result<Vec<RowEvent>, RowError> {
         let id = entry.document;
-        if !self.repo.contains(&id)? {
+        if !self.repo_mut().contains(&id)? {
             // A purged row: whatever this entry was, the row ends deleted, so
             // a consumer behind the purge still learns of the delete (and
             // repeated deletes by key are harmless to it).
@@ -139,7 +145,7 @@ impl<S: Storage> Rows<S> {
             }));
         }
         let table = match self
-            .repo
+            .repo_mut()
             .view(&id, |d| document::state(d, &At(Some(&entry.heads))).table)
         {
             Ok(Some(t)) => t,
@@ -148,7 +154,7 @@ impl<S: Storage> Rows<S> {
             Err(e) => return Err(e.into()),
         };
         let schema = self.schema(&table);
-        let events = self.repo.view(&id, |d| {
+        let events = self.repo_mut().view(&id, |d| {
             // Reading at past heads recomputes automerge's clock for them;
             // a consumer that keeps up reads the current state instead.
             let current = d.get_heads() == entry.heads;

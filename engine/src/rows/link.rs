@@ -17,6 +17,7 @@
 //! store received over one link are in its feed, so they travel on over its
 //! other links, and a ring or star of stores converges.
 
+use std::borrow::BorrowMut;
 use std::collections::BTreeSet;
 
 use automerge::{ChangeHash, ReadDoc};
@@ -112,24 +113,31 @@ impl SyncLink {
         })
     }
 
-    fn record<S: Storage>(&self, rows: &mut Rows<S>, peer: &StorageId) -> Result<(), RowError> {
-        let cursor = rows.repo.feed().last_seq()?;
+    fn record<S: Storage, R: BorrowMut<Repo<S>>>(
+        &self,
+        rows: &mut Rows<S, R>,
+        peer: &StorageId,
+    ) -> Result<(), RowError> {
+        let cursor = rows.repo_mut().feed().last_seq()?;
         let time = (rows.now)();
         let mut batch = WriteBatch::new();
         batch.put(
             self.key()?,
             format!("{cursor} {time} {}", peer.as_str()).into_bytes(),
         );
-        rows.repo.storage().commit(&batch)?;
+        rows.repo_mut().storage().commit(&batch)?;
         Ok(())
     }
 
     /// Documents committed in `rows` since the link's sync point there.
-    fn acquire<S: Storage>(&self, rows: &mut Rows<S>) -> Result<BTreeSet<DocumentId>, RowError> {
-        let mut cursor = self.sync_point(&rows.repo)?.cursor;
+    fn acquire<S: Storage, R: BorrowMut<Repo<S>>>(
+        &self,
+        rows: &mut Rows<S, R>,
+    ) -> Result<BTreeSet<DocumentId>, RowError> {
+        let mut cursor = self.sync_point(rows.repo())?.cursor;
         let mut out = BTreeSet::new();
         loop {
-            let page = rows.repo.feed().read(cursor, 4096)?;
+            let page = rows.repo_mut().feed().read(cursor, 4096)?;
             let Some(last) = page.last() else { break };
             cursor = Cursor(last.seq);
             out.extend(page.into_iter().map(|e| e.document));
@@ -137,15 +145,19 @@ impl SyncLink {
         Ok(out)
     }
 
-    fn carries<S: Storage>(&self, rows: &mut Rows<S>, id: &DocumentId) -> Result<bool, RowError> {
+    fn carries<S: Storage, R: BorrowMut<Repo<S>>>(
+        &self,
+        rows: &mut Rows<S, R>,
+        id: &DocumentId,
+    ) -> Result<bool, RowError> {
         let Some(tables) = &self.tables else {
             return Ok(true);
         };
-        if !rows.repo.contains(id)? {
+        if !rows.repo_mut().contains(id)? {
             return Ok(false);
         }
         let table = rows
-            .repo
+            .repo_mut()
             .view(id, |d| document::state(d, &At(None)).table)?;
         Ok(table.is_some_and(|t| tables.contains(&t)))
     }
@@ -153,13 +165,19 @@ impl SyncLink {
     /// Synchronize `a` and `b`: send each what changed on the other since
     /// the last run, make it durable on both, record the new sync points,
     /// and record what each side now acknowledges for cleanup.
-    pub fn run<A: Storage, B: Storage>(
+    pub fn run<A: Storage, B: Storage, RA: BorrowMut<Repo<A>>, RB: BorrowMut<Repo<B>>>(
         &self,
-        a: &mut Rows<A>,
-        b: &mut Rows<B>,
+        a: &mut Rows<A, RA>,
+        b: &mut Rows<B, RB>,
     ) -> Result<LinkRun, RowError> {
-        let (a_sid, b_sid) = (a.repo.storage_id().clone(), b.repo.storage_id().clone());
-        let (a_peer, b_peer) = (a.repo.peer_id().clone(), b.repo.peer_id().clone());
+        let (a_sid, b_sid) = (
+            a.repo_mut().storage_id().clone(),
+            b.repo_mut().storage_id().clone(),
+        );
+        let (a_peer, b_peer) = (
+            a.repo_mut().peer_id().clone(),
+            b.repo_mut().peer_id().clone(),
+        );
         // The feed holds durable commits only: make pending edits durable first.
         a.flush()?;
         b.flush()?;
@@ -199,27 +217,27 @@ impl SyncLink {
 }
 
 /// Send `from`'s changes to `id` that `to` lacks. Returns (changes, bytes).
-fn transfer<F: Storage, T: Storage>(
-    from: &mut Rows<F>,
-    to: &mut Rows<T>,
+fn transfer<F: Storage, T: Storage, RF: BorrowMut<Repo<F>>, RT: BorrowMut<Repo<T>>>(
+    from: &mut Rows<F, RF>,
+    to: &mut Rows<T, RT>,
     id: &DocumentId,
     from_peer: &PeerId,
     refused: &mut bool,
 ) -> Result<(usize, usize), RowError> {
-    if !from.repo.contains(id)? {
+    if !from.repo_mut().contains(id)? {
         return Ok((0, 0));
     }
-    let have = if to.repo.contains(id)? {
+    let have = if to.repo_mut().contains(id)? {
         frontier(from, to, id)?
     } else {
         Vec::new()
     };
-    let changes = from.repo.changes_since(id, &have)?;
+    let changes = from.repo_mut().changes_since(id, &have)?;
     if changes.is_empty() {
         return Ok((0, 0));
     }
     let bytes = changes.iter().map(Vec::len).sum();
-    match to.repo.apply_changes(id, &changes, from_peer) {
+    match to.repo_mut().apply_changes(id, &changes, from_peer) {
         Ok(_) => Ok((changes.len(), bytes)),
         Err(RepoError::Purged(_)) => {
             *refused = true;
@@ -232,22 +250,25 @@ fn transfer<F: Storage, T: Storage>(
 /// The latest changes of `to`'s history that `from` also has: walk back
 /// from `to`'s heads through the changes `from` lacks (few, when the two
 /// were in sync recently), so `from` sends exactly what `to` is missing.
-fn frontier<F: Storage, T: Storage>(
-    from: &mut Rows<F>,
-    to: &mut Rows<T>,
+fn frontier<F: Storage, T: Storage, RF: BorrowMut<Repo<F>>, RT: BorrowMut<Repo<T>>>(
+    from: &mut Rows<F, RF>,
+    to: &mut Rows<T, RT>,
     id: &DocumentId,
 ) -> Result<Vec<ChangeHash>, RowError> {
-    let mut stack = to.repo.heads(id)?;
+    let mut stack = to.repo_mut().heads(id)?;
     let mut seen = BTreeSet::new();
     let mut known = Vec::new();
     while let Some(h) = stack.pop() {
         if !seen.insert(h) {
             continue;
         }
-        if from.repo.view(id, |d| d.get_change_by_hash(&h).is_some())? {
+        if from
+            .repo_mut()
+            .view(id, |d| d.get_change_by_hash(&h).is_some())?
+        {
             known.push(h);
         } else if let Some(deps) = to
-            .repo
+            .repo_mut()
             .view(id, |d| d.get_change_by_hash(&h).map(|c| c.deps().to_vec()))?
         {
             stack.extend(deps);
