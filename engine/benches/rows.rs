@@ -1,0 +1,682 @@
+//! The row layer next to its floors, in one run (issue 3, "Benchmarks"):
+//!
+//! 1. one row per durable commit: 10,000 inserts, then 10,000 single-column
+//!    updates; Tandem (write + flush on redb) vs raw redb (one write
+//!    transaction per insert) and SQLite (one transaction per row);
+//! 2. 1,000 rows per commit: the same, Tandem (1,000 writes + one flush) vs
+//!    bare automerge (one document per row: create, put the columns, save)
+//!    and SQLite (one transaction per 1,000 rows);
+//! 3. a new replica catching up on a 100,000-row table, over a replication
+//!    link and over the sync protocol (subscribe + discover): time, and bytes
+//!    on the wire vs the rows' saved documents.
+//!
+//! Every comparison runs its contestants in alternating rounds (the order
+//! rotates each round), so all see the same machine state; rates are from
+//! the median round and ratios are Tandem's throughput over the floor's.
+//! SQLite runs in WAL mode with `synchronous=FULL`; every store is a file
+//! under `target/` (the project's disk).
+//!
+//!     cargo bench -p tandem-engine --bench rows
+//!
+//! Environment: `TANDEM_ROWS_ONLY=durable|batched|catchup` runs one part
+//! (`layout` runs an experiment on row layouts in bare automerge instead);
+//! `TANDEM_ROWS_N=N` sets the rows inserted and updated in parts 1 and 2
+//! (default 10,000); `TANDEM_ROWS_CATCHUP=N` the catch-up table's size
+//! (default 100,000);
+//! `TANDEM_ROWS_TANDEM_ONLY=1` skips the floors (for profiling).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use automerge::AutoCommit;
+use automerge::transaction::Transactable;
+use common::{bench_dir, five_fields, raw_redb_commit, repo_at};
+use redb::Database;
+use rusqlite::{Connection, params};
+use tandem_engine::rows::{Rows, SyncLink, TableSchema, Value};
+use tandem_engine::{
+    MemoryStorage, PeerId, RedbStorage, Repo, RepoConfig, ServeOnRequest, ShareAll, Storage,
+    sync_in_process,
+};
+
+const TABLE: &str = "tasks";
+/// Rows written by each part's inserts (and then updated), unless
+/// `TANDEM_ROWS_N` says otherwise.
+const ROWS: usize = 10_000;
+/// Rows per durable commit in the batched part.
+const BATCH: usize = 1_000;
+/// Rounds of the one-row-per-commit part (ROWS / ROUNDS rows each).
+const DURABLE_ROUNDS: usize = 20;
+
+fn key(i: usize) -> String {
+    format!("row-{i:06}")
+}
+
+/// The same row as `common::five_fields`, as Tandem columns.
+fn columns(i: usize) -> [(&'static str, Value); 5] {
+    [
+        ("id", Value::from(i as i64)),
+        ("title", Value::from(format!("task {i}"))),
+        ("done", Value::from(i.is_multiple_of(2))),
+        ("owner", Value::from("ada")),
+        ("priority", Value::from((i % 5) as f64)),
+    ]
+}
+
+fn new_title(i: usize) -> String {
+    format!("task {i} (edited)")
+}
+
+fn rows_at(path: &Path) -> Rows<RedbStorage> {
+    let mut rows = Rows::with_system_clock(repo_at(path));
+    rows.define(TableSchema::new(TABLE));
+    rows
+}
+
+/// The same store in memory: what Tandem costs without storage.
+fn rows_in_memory() -> Rows<MemoryStorage> {
+    let repo = Repo::open(
+        MemoryStorage::new(),
+        RepoConfig::new(PeerId::new("bench")),
+        ShareAll,
+    )
+    .unwrap();
+    let mut rows = Rows::with_system_clock(repo);
+    rows.define(TableSchema::new(TABLE));
+    rows
+}
+
+/// A SQLite database with the rows' table, WAL and synchronous=FULL.
+fn sqlite_at(path: &Path) -> Connection {
+    let c = Connection::open(path).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    c.execute_batch(
+        "PRAGMA synchronous=FULL;
+         CREATE TABLE tasks (key TEXT PRIMARY KEY, id INTEGER, title TEXT,
+                             done INTEGER, owner TEXT, priority REAL);",
+    )
+    .unwrap();
+    c
+}
+
+fn sqlite_insert(c: &Connection, i: usize) {
+    c.prepare_cached("INSERT INTO tasks VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+        .unwrap()
+        .execute(params![
+            key(i),
+            i as i64,
+            format!("task {i}"),
+            i.is_multiple_of(2),
+            "ada",
+            (i % 5) as f64
+        ])
+        .unwrap();
+}
+
+fn sqlite_update(c: &Connection, i: usize) {
+    let n = c
+        .prepare_cached("UPDATE tasks SET title = ?2 WHERE key = ?1")
+        .unwrap()
+        .execute(params![key(i), new_title(i)])
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+fn tandem_insert<S: Storage>(rows: &mut Rows<S>, range: std::ops::Range<usize>) {
+    let mut t = rows.table(TABLE);
+    for i in range {
+        t.insert(&key(i), columns(i)).unwrap();
+    }
+}
+
+fn tandem_update<S: Storage>(rows: &mut Rows<S>, range: std::ops::Range<usize>) {
+    let mut t = rows.table(TABLE);
+    for i in range {
+        t.update(&key(i), [("title", Value::from(new_title(i)))])
+            .unwrap();
+    }
+}
+
+fn tandem_flush<S: Storage>(rows: &mut Rows<S>) {
+    rows.flush().unwrap();
+    // Commit events for the driver; nobody listens here.
+    rows.repo_mut().drain_outputs();
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// One contestant of a comparison: a name and one round of work.
+struct Contestant<'a> {
+    name: &'static str,
+    round: Box<dyn FnMut(usize) + 'a>,
+}
+
+impl<'a> Contestant<'a> {
+    fn new(name: &'static str, round: impl FnMut(usize) + 'a) -> Self {
+        Self {
+            name,
+            round: Box::new(round),
+        }
+    }
+}
+
+/// Run `rounds` rounds of every contestant (the first is Tandem, the rest
+/// floors with their targets), rotating who goes first; print each rate
+/// (items per second, from the median round) and Tandem's ratio to each
+/// floor. With `TANDEM_ROWS_TANDEM_ONLY` only Tandem runs.
+fn compare(
+    title: &str,
+    rounds: usize,
+    per_round: usize,
+    mut contestants: Vec<Contestant<'_>>,
+    targets: &[Option<f64>],
+) {
+    if env_flag("TANDEM_ROWS_TANDEM_ONLY") {
+        contestants.truncate(1);
+    }
+    let n = contestants.len();
+    let mut times = vec![Vec::with_capacity(rounds); n];
+    for r in 0..rounds {
+        for k in 0..n {
+            let c = (r + k) % n;
+            let start = Instant::now();
+            (contestants[c].round)(r);
+            times[c].push(start.elapsed());
+        }
+    }
+    let rate = |d: Duration| per_round as f64 / d.as_secs_f64();
+    println!("\n{title} ({rounds} rounds of {per_round}, median round):");
+    for (c, t) in contestants.iter().zip(&times) {
+        let total: Duration = t.iter().sum();
+        println!(
+            "  {:<34} {:>9.0}/s   (all rounds: {:.2} s)",
+            c.name,
+            rate(median(t)),
+            total.as_secs_f64()
+        );
+    }
+    let ours = median(&times[0]);
+    for c in 1..n {
+        let ratio = median(&times[c]).as_secs_f64() / ours.as_secs_f64();
+        let per_round: Vec<f64> = times[c]
+            .iter()
+            .zip(&times[0])
+            .map(|(f, o)| f.as_secs_f64() / o.as_secs_f64())
+            .collect();
+        let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = per_round.iter().copied().fold(0.0, f64::max);
+        let verdict = match targets.get(c - 1).copied().flatten() {
+            Some(t) if ratio >= t => format!("target {t:.2}x: met"),
+            Some(t) => format!("target {t:.2}x: MISSED"),
+            None => String::new(),
+        };
+        if contestants[c].name.starts_with("tandem") {
+            println!(
+                "  {} takes {ratio:.2}x the time (rounds {lo:.2}x..{hi:.2}x)",
+                contestants[c].name
+            );
+        } else {
+            println!(
+                "  tandem / {:<25} {ratio:>6.2}x  (rounds {lo:.2}x..{hi:.2}x)  {verdict}",
+                contestants[c].name
+            );
+        }
+    }
+}
+
+/// One row per durable commit.
+fn durable(dir: &Path, n: usize) {
+    let per = n / DURABLE_ROUNDS;
+    let mut tandem = rows_at(&dir.join("durable.redb"));
+    let raw = Database::create(dir.join("durable-raw.redb")).unwrap();
+    let sql = sqlite_at(&dir.join("durable.sqlite"));
+    let mut memory = rows_in_memory();
+    let range = |r: usize| r * per..(r + 1) * per;
+
+    compare(
+        "one row per durable commit: inserts",
+        DURABLE_ROUNDS,
+        per,
+        vec![
+            Contestant::new("tandem insert + flush", |r| {
+                for i in range(r) {
+                    tandem_insert(&mut tandem, i..i + 1);
+                    tandem_flush(&mut tandem);
+                }
+            }),
+            Contestant::new("raw redb insert commit", |r| {
+                for i in range(r) {
+                    raw_redb_commit(&raw, i as u64);
+                }
+            }),
+            Contestant::new("sqlite insert transaction", |r| {
+                for i in range(r) {
+                    sqlite_insert(&sql, i);
+                }
+            }),
+            // Not a floor: the share of Tandem's time that is CPU.
+            Contestant::new("tandem on MemoryStorage", |r| {
+                for i in range(r) {
+                    tandem_insert(&mut memory, i..i + 1);
+                    tandem_flush(&mut memory);
+                }
+            }),
+        ],
+        &[Some(0.7), None, None],
+    );
+    compare(
+        "one row per durable commit: single-column updates",
+        DURABLE_ROUNDS,
+        per,
+        vec![
+            Contestant::new("tandem update + flush", |r| {
+                for i in range(r) {
+                    tandem_update(&mut tandem, i..i + 1);
+                    tandem_flush(&mut tandem);
+                }
+            }),
+            // Overwrites the key the insert round wrote.
+            Contestant::new("raw redb insert commit", |r| {
+                for i in range(r) {
+                    raw_redb_commit(&raw, i as u64);
+                }
+            }),
+            Contestant::new("sqlite update transaction", |r| {
+                for i in range(r) {
+                    sqlite_update(&sql, i);
+                }
+            }),
+            Contestant::new("tandem on MemoryStorage", |r| {
+                for i in range(r) {
+                    tandem_update(&mut memory, i..i + 1);
+                    tandem_flush(&mut memory);
+                }
+            }),
+        ],
+        &[Some(0.7), None, None],
+    );
+}
+
+/// 1,000 rows per durable commit.
+fn batched(dir: &Path, n: usize) {
+    let rounds = n / BATCH;
+    let range = |r: usize| r * BATCH..(r + 1) * BATCH;
+    let mut tandem = rows_at(&dir.join("batched.redb"));
+    let mut sql = sqlite_at(&dir.join("batched.sqlite"));
+    let mut saved: Vec<Vec<u8>> = Vec::with_capacity(n);
+
+    compare(
+        "1,000 rows per durable commit: inserts",
+        rounds,
+        BATCH,
+        vec![
+            Contestant::new("tandem 1,000 inserts + flush", |r| {
+                tandem_insert(&mut tandem, range(r));
+                tandem_flush(&mut tandem);
+            }),
+            Contestant::new("bare automerge create + save", |r| {
+                for i in range(r) {
+                    let mut d = AutoCommit::new();
+                    five_fields(&mut d, i).unwrap();
+                    saved.push(d.save());
+                }
+            }),
+            Contestant::new("sqlite 1,000-row transaction", |r| {
+                let tx = sql.transaction().unwrap();
+                for i in range(r) {
+                    sqlite_insert(&tx, i);
+                }
+                tx.commit().unwrap();
+            }),
+        ],
+        &[Some(0.6), Some(1.0 / 6.0)],
+    );
+
+    // The floor updates documents it holds in memory (loaded untimed).
+    let mut docs: Vec<AutoCommit> = saved
+        .iter()
+        .map(|b| {
+            let mut d = AutoCommit::load(b).unwrap();
+            d.save_incremental();
+            d
+        })
+        .collect();
+    drop(saved);
+    compare(
+        "1,000 rows per durable commit: single-column updates",
+        rounds,
+        BATCH,
+        vec![
+            Contestant::new("tandem 1,000 updates + flush", |r| {
+                tandem_update(&mut tandem, range(r));
+                tandem_flush(&mut tandem);
+            }),
+            Contestant::new("bare automerge put + save_incr", |r| {
+                for i in range(r) {
+                    let d = &mut docs[i];
+                    d.put(automerge::ROOT, "title", new_title(i)).unwrap();
+                    std::hint::black_box(d.save_incremental());
+                }
+            }),
+            Contestant::new("sqlite 1,000-row transaction", |r| {
+                let tx = sql.transaction().unwrap();
+                for i in range(r) {
+                    sqlite_update(&tx, i);
+                }
+                tx.commit().unwrap();
+            }),
+        ],
+        &[None, None],
+    );
+}
+
+/// A new replica catching up on an `n`-row table.
+fn catchup(dir: &Path, n: usize) {
+    let path = dir.join("full.redb");
+    let mut full = rows_at(&path);
+    let rounds = n.div_ceil(BATCH);
+    let range = |r: usize| r * BATCH..((r + 1) * BATCH).min(n);
+    let mut bare_bytes = 0usize;
+    compare(
+        &format!("building the {n}-row table, 1,000 inserts per commit"),
+        rounds,
+        BATCH,
+        vec![
+            Contestant::new("tandem 1,000 inserts + flush", |r| {
+                tandem_insert(&mut full, range(r));
+                tandem_flush(&mut full);
+            }),
+            Contestant::new("bare automerge create + save", |r| {
+                for i in range(r) {
+                    let mut d = AutoCommit::new();
+                    five_fields(&mut d, i).unwrap();
+                    bare_bytes += d.save().len();
+                }
+            }),
+        ],
+        &[Some(0.6)],
+    );
+
+    // What the rows weigh saved (untimed): each row's document, and the
+    // catalog documents that list them.
+    let started = Instant::now();
+    let mut row_ids = HashSet::with_capacity(n);
+    let mut row_bytes = 0usize;
+    for i in 0..n {
+        let id = full.table(TABLE).document_id(&key(i)).unwrap();
+        row_bytes += full.repo_mut().view(&id, |d| d.save().len()).unwrap();
+        row_ids.insert(id);
+    }
+    let mut catalog_bytes = 0usize;
+    let mut catalogs = 0;
+    for id in full.repo().document_ids().unwrap() {
+        if !row_ids.contains(&id) {
+            catalogs += 1;
+            catalog_bytes += full.repo_mut().view(&id, |d| d.save().len()).unwrap();
+        }
+    }
+    tandem_flush(&mut full);
+    let mb = |b: usize| b as f64 / 1e6;
+    println!(
+        "\nsaved sizes ({:.1} s to measure): {n} row documents {:.2} MB ({:.0} B/row); \
+         {catalogs} catalog documents {:.2} MB; the same rows as bare automerge documents {:.2} MB",
+        started.elapsed().as_secs_f64(),
+        mb(row_bytes),
+        row_bytes as f64 / n as f64,
+        mb(catalog_bytes),
+        mb(bare_bytes)
+    );
+    let report = |how: &str, time: Duration, wire: usize, ok: bool| {
+        let ratio = wire as f64 / row_bytes as f64;
+        println!(
+            "  {how}: {:.2} s ({}), {:.2} MB on the wire = {ratio:.2}x the rows' saved documents \
+             ({:.2}x rows + catalogs{}){}",
+            time.as_secs_f64(),
+            if n < 100_000 {
+                "the 10 s target is for 100,000 rows"
+            } else if time < Duration::from_secs(10) {
+                "target under 10 s: met"
+            } else {
+                "target under 10 s: MISSED"
+            },
+            mb(wire),
+            wire as f64 / (row_bytes + catalog_bytes) as f64,
+            if bare_bytes > 0 {
+                format!(
+                    ", {:.2}x the rows as bare automerge documents",
+                    wire as f64 / bare_bytes as f64
+                )
+            } else {
+                String::new()
+            },
+            if ratio <= 1.5 {
+                "; target at most 1.5x: met"
+            } else {
+                "; target at most 1.5x: MISSED"
+            },
+        );
+        if !ok {
+            println!("    (not every row arrived: see above)");
+        }
+    };
+    // Every row arrived (as many documents as the full store has) and a
+    // sample of 1,000 spread over the table reads back right (untimed).
+    let documents = row_ids.len() + catalogs;
+    let complete = |rows: &mut Rows<RedbStorage>| {
+        let have = rows.repo().document_ids().unwrap().len();
+        let step = n.div_ceil(1_000).max(1);
+        let sampled_ok = (0..n).step_by(step).all(|i| {
+            let row = rows.table(TABLE).get(&key(i)).unwrap();
+            row.and_then(|r| r.get("title").cloned()) == Some(Value::from(format!("task {i}")))
+        });
+        if have != documents || !sampled_ok {
+            println!(
+                "    the new replica is INCOMPLETE: {have} of {documents} documents, sample {}",
+                if sampled_ok { "ok" } else { "wrong" }
+            );
+        }
+        have == documents && sampled_ok
+    };
+    println!("catching up on {n} rows:");
+
+    // Over a replication link, between the full store and an empty one.
+    {
+        let mut fresh = rows_at(&dir.join("link.redb"));
+        let started = Instant::now();
+        let run = SyncLink::new("catchup").run(&mut full, &mut fresh).unwrap();
+        let time = started.elapsed();
+        println!(
+            "  (link: {} documents, {} changes sent)",
+            run.documents,
+            run.changes.0 + run.changes.1
+        );
+        let ok = complete(&mut fresh);
+        report("SyncLink::run", time, run.bytes.0 + run.bytes.1, ok);
+    }
+
+    // Over the sync protocol, from the full store reopened as a server that
+    // announces nothing (it serves what is asked for), to a new replica that
+    // subscribes to the table and then discovers its rows.
+    drop(full);
+    let server_repo = Repo::open(
+        RedbStorage::open(&path).unwrap(),
+        RepoConfig::new(PeerId::new("server")),
+        ServeOnRequest,
+    )
+    .unwrap();
+    let mut server = Rows::with_system_clock(server_repo);
+    server.define(TableSchema::new(TABLE));
+    let mut fresh = rows_at(&dir.join("protocol.redb"));
+    const MAX_ROUNDS: usize = 1_000;
+    let started = Instant::now();
+    fresh.subscribe(TABLE).unwrap();
+    let first = sync_in_process(fresh.repo_mut(), server.repo_mut(), MAX_ROUNDS).unwrap();
+    let catalogs_at = started.elapsed();
+    let requested = fresh.discover(TABLE).unwrap();
+    let discovered_at = started.elapsed();
+    let second = sync_in_process(fresh.repo_mut(), server.repo_mut(), MAX_ROUNDS).unwrap();
+    let time = started.elapsed();
+    let frames = first.frames.0 + first.frames.1 + second.frames.0 + second.frames.1;
+    println!(
+        "  (protocol: catalogs in {:.2} s, {requested} rows discovered by {:.2} s, \
+         {frames} frames, {:.2} MB to the full store and {:.2} MB from it)",
+        catalogs_at.as_secs_f64(),
+        discovered_at.as_secs_f64(),
+        mb(first.bytes.0 + second.bytes.0),
+        mb(first.bytes.1 + second.bytes.1),
+    );
+    report(
+        "subscribe + sync + discover + sync",
+        time,
+        first.bytes.0 + first.bytes.1 + second.bytes.0 + second.bytes.1,
+        complete(&mut fresh),
+    );
+}
+
+/// An experiment, not a comparison with a target (run it with
+/// `TANDEM_ROWS_ONLY=layout`): what a row layout costs automerge itself,
+/// each row a bare document created and saved, then one column rewritten
+/// and saved incrementally. "registers as maps" is the layout of the first
+/// row layer (`rows/document.rs`: `_table`, `_key`, and per column a map of
+/// value, at, n, by); the others are candidates with fewer operations.
+fn layout(n: usize) {
+    use automerge::{ObjType, ROOT, ScalarValue};
+    type Write = fn(&mut AutoCommit, &str, ScalarValue, u64);
+    const BY: &str = "3f2a9c1e-7b4d-4e8a-9c2f-1a2b3c4d5e6f";
+    fn plain(d: &mut AutoCommit, c: &str, v: ScalarValue, _: u64) {
+        d.put(ROOT, c, v).unwrap();
+    }
+    fn register_map(d: &mut AutoCommit, c: &str, v: ScalarValue, at: u64) {
+        let o = d.put_object(ROOT, c, ObjType::Map).unwrap();
+        d.put(&o, "value", v).unwrap();
+        d.put(&o, "at", at).unwrap();
+        d.put(&o, "n", 0u64).unwrap();
+        d.put(&o, "by", BY).unwrap();
+    }
+    fn value_and_clock(d: &mut AutoCommit, c: &str, v: ScalarValue, at: u64) {
+        let o = d.put_object(ROOT, c, ObjType::Map).unwrap();
+        d.put(&o, "value", v).unwrap();
+        d.put(&o, "at", at << 16).unwrap();
+    }
+    fn packed(d: &mut AutoCommit, c: &str, v: ScalarValue, at: u64) {
+        // Value and clock in one scalar (a real codec would be CBOR; the
+        // writer's replica is the operation's actor).
+        let mut bytes = (at << 16).to_be_bytes().to_vec();
+        bytes.extend(format!("{v}").into_bytes());
+        d.put(ROOT, c, ScalarValue::Bytes(bytes)).unwrap();
+    }
+    let layouts: [(&'static str, Write, bool); 4] = [
+        ("plain columns (the floor)", plain, false),
+        ("registers as maps {value,at,n,by}", register_map, true),
+        ("maps {value, at: u64 clock}", value_and_clock, true),
+        ("one packed scalar per column", packed, true),
+    ];
+    let row = |write: Write, meta: bool, i: usize| {
+        let mut d = AutoCommit::new();
+        if meta {
+            d.put(ROOT, "_table", TABLE).unwrap();
+            d.put(ROOT, "_key", key(i)).unwrap();
+        }
+        let values = [
+            ("id", ScalarValue::Int(i as i64)),
+            ("title", ScalarValue::Str(format!("task {i}").into())),
+            ("done", ScalarValue::Boolean(i.is_multiple_of(2))),
+            ("owner", ScalarValue::Str("ada".into())),
+            ("priority", ScalarValue::F64((i % 5) as f64)),
+        ];
+        for (c, v) in values {
+            write(&mut d, c, v, 1_700_000_000_000 + i as u64);
+        }
+        d
+    };
+    const ROUNDS: usize = 9;
+    let (mut create, mut update) = (vec![Vec::new(); 4], vec![Vec::new(); 4]);
+    let mut size = [0usize; 4];
+    for r in 0..ROUNDS {
+        for k in 0..layouts.len() {
+            let l = (r + k) % layouts.len();
+            let (_, write, meta) = layouts[l];
+            let started = Instant::now();
+            let mut docs = Vec::with_capacity(n);
+            let mut bytes = 0;
+            for i in 0..n {
+                let mut d = row(write, meta, i);
+                bytes += d.save().len();
+                docs.push(d);
+            }
+            create[l].push(started.elapsed());
+            size[l] = bytes / n;
+            let started = Instant::now();
+            for (i, d) in docs.iter_mut().enumerate() {
+                write(
+                    d,
+                    "title",
+                    ScalarValue::Str(new_title(i).into()),
+                    1_800_000_000_000,
+                );
+                std::hint::black_box(d.save_incremental());
+            }
+            update[l].push(started.elapsed());
+        }
+    }
+    let rate = |t: &[Duration]| n as f64 / median(t).as_secs_f64();
+    println!(
+        "
+row layouts in bare automerge ({ROUNDS} rounds of {n} rows, median round):"
+    );
+    for (l, (name, _, _)) in layouts.iter().enumerate() {
+        println!(
+            "  {name:<36} create + save {:>7.0}/s ({:.2}x the floor), \
+             one column + save_incremental {:>7.0}/s ({:.2}x), {} B/row saved",
+            rate(&create[l]),
+            rate(&create[l]) / rate(&create[0]),
+            rate(&update[l]),
+            rate(&update[l]) / rate(&update[0]),
+            size[l]
+        );
+    }
+}
+
+fn main() {
+    let only = std::env::var("TANDEM_ROWS_ONLY").unwrap_or_default();
+    let size = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let n = size("TANDEM_ROWS_N", ROWS);
+    let dir = bench_dir();
+    println!(
+        "row layer vs floors, store files under {}",
+        dir.path().display()
+    );
+    let started = Instant::now();
+    if only.is_empty() || only == "durable" {
+        durable(dir.path(), n);
+    }
+    if only.is_empty() || only == "batched" {
+        batched(dir.path(), n);
+    }
+    if only.is_empty() || only == "catchup" {
+        catchup(dir.path(), size("TANDEM_ROWS_CATCHUP", 100_000));
+    }
+    if only == "layout" {
+        layout(2_000);
+    }
+    println!("\ntotal {:.1} s", started.elapsed().as_secs_f64());
+}
