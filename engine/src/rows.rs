@@ -399,7 +399,10 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
     /// Flag the row deleted.
     pub fn delete(&mut self, key: &str) -> Result<(), RowError> {
         let id = self.live(key)?;
-        let seen = self.rows.repo_mut().view(&id, document::latest_timestamp)?;
+        let seen = self
+            .rows
+            .repo_mut()
+            .view(&id, |d| document::latest_timestamp(d, None))?;
         let ts = self.rows.tick(seen.as_ref());
         self.rows
             .repo_mut()
@@ -543,11 +546,12 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
         let schema = self.schema.clone();
         let (id, generation) = self.rows.locate(&schema, key)?;
         let exists = self.rows.repo_mut().contains(&id)?;
+        let written: Vec<&str> = columns.iter().map(|(c, _)| c.as_str()).collect();
         let (live, seen) = if exists {
             self.rows.repo_mut().view(&id, |d| {
                 (
                     document::state(d, &At(None)).live(),
-                    document::latest_timestamp(d),
+                    document::latest_timestamp(d, Some(&written)),
                 )
             })?
         } else {

@@ -256,12 +256,23 @@ pub(crate) fn state(doc: &impl ReadDoc, at: &At<'_>) -> RowState {
     }
 }
 
-/// The latest timestamp anywhere in the row (registers and delete flag).
-pub(crate) fn latest_timestamp(doc: &impl ReadDoc) -> Option<Timestamp> {
+/// The latest timestamp among the delete flag and the given register
+/// columns (every register when `columns` is `None`). A write only needs to
+/// order after what it supersedes: the versions of the columns it writes,
+/// and the delete it may revive.
+pub(crate) fn latest_timestamp(doc: &impl ReadDoc, columns: Option<&[&str]>) -> Option<Timestamp> {
     let at = At(None);
     let mut latest = state(doc, &at).deleted;
-    for key in at.keys(doc) {
-        if let Some(v) = versions(doc, &at, &key).pop() {
+    let all;
+    let columns: Vec<&str> = match columns {
+        Some(c) => c.to_vec(),
+        None => {
+            all = at.keys(doc);
+            all.iter().map(String::as_str).collect()
+        }
+    };
+    for key in columns {
+        if let Some(v) = versions(doc, &at, key).pop() {
             latest = latest.max(Some(v.at));
         }
     }
