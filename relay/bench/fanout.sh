@@ -24,62 +24,8 @@ DRAIN_SECS=${DRAIN_SECS:-10}
 OUT=${BENCH_OUT:-$(mktemp -d -t tandem-fanout.XXXXXX)}
 mkdir -p "$OUT"
 
-echo "== build (release)"
-cargo build --release -p tandem-relay
-BIN=target/release
-if [ ! -d tests/js/node_modules/@automerge/automerge-repo-storage-nodefs ]; then
-  echo "== npm ci in tests/js"
-  npm ci --prefix tests/js --no-audit --no-fund
-fi
-
-SERVER_PID=""
-cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-  fi
-}
-trap cleanup EXIT
-
-# start_server NAME COMMAND...: start it in the background, wait for its
-# "listening on ws://HOST:PORT" line, set SERVER_PID and SERVER_URL.
-start_server() {
-  local name=$1
-  shift
-  "$@" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" &
-  SERVER_PID=$!
-  SERVER_URL=""
-  for _ in $(seq 1 150); do
-    SERVER_URL=$(grep -o 'listening on ws://[0-9.]*:[0-9]*' "$OUT/$name.stdout" 2>/dev/null | head -1 | sed 's/^listening on //' || true)
-    [ -n "$SERVER_URL" ] && break
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-      break
-    fi
-    sleep 0.1
-  done
-  if [ -z "$SERVER_URL" ]; then
-    echo "FAILED: the $name server did not start (command: $*)" >&2
-    echo "--- stdout:" >&2
-    cat "$OUT/$name.stdout" >&2 || true
-    echo "--- stderr:" >&2
-    tail -n 50 "$OUT/$name.stderr" >&2 || true
-    exit 1
-  fi
-  echo "$name server (pid $SERVER_PID) listening on $SERVER_URL"
-}
-
-stop_server() {
-  kill -TERM "$SERVER_PID" 2>/dev/null || true
-  for _ in $(seq 1 100); do
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$SERVER_PID" 2>/dev/null; then
-    echo "warning: server $SERVER_PID ignored SIGTERM for 10 s; killing it" >&2
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-  fi
-  wait "$SERVER_PID" 2>/dev/null || true
-  SERVER_PID=""
-}
+source relay/bench/common.sh
+build
 
 # bench NAME: run the load generator against the started server.
 bench() {
@@ -92,11 +38,7 @@ bench() {
     tail -n 20 "$OUT/$name.stderr" >&2 || true
     exit 1
   fi
-  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-    echo "FAILED: the $name server died during the run" >&2
-    tail -n 50 "$OUT/$name.stderr" >&2 || true
-    exit 1
-  fi
+  require_alive "$name"
 }
 
 echo "== tandem relay"

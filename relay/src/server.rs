@@ -9,11 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use governor::clock::Clock;
-use tandem_engine::{ConnectionId, Direction, DocumentId, Event, Output, Repo, Storage};
+use tandem_engine::{ConnectionId, Direction, DocumentId, Event, Output, Repo, Storage, protocol};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{StatusCode, header};
@@ -173,6 +174,12 @@ pub async fn serve<S: Storage + 'static>(
         if tx.is_closed() {
             break;
         }
+        // Frames are small and latency matters more than packet count (the
+        // fan-out); without this, back-to-back frames can wait for the
+        // client's delayed ACK.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
         next_id += 1;
         let id = ConnectionId(next_id);
         let (handle_tx, handle_rx) = oneshot::channel::<AbortHandle>();
@@ -203,7 +210,9 @@ async fn upgrade(
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(config.max_message_size))
         .max_frame_size(Some(config.max_message_size))
-        .read_buffer_size(8 * 1024)
+        // Allocated and zeroed up front for every connection, idle or not:
+        // one page keeps an idle connection small (a larger frame grows it).
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(8 * 1024);
     let mut claims = None;
     // The error type is tungstenite's, as its handshake callback requires.
@@ -246,7 +255,10 @@ async fn connection(
     tx: mpsc::Sender<Input>,
     handle: oneshot::Receiver<AbortHandle>,
 ) {
-    let Some((mut ws, claims)) = upgrade(id, stream, &config).await else {
+    // A task is allocated at the size of its largest state, and every
+    // connection lives in one: the handshake's large, short-lived state is
+    // boxed so that idle connections do not carry it (see the test below).
+    let Some((mut ws, claims)) = Box::pin(upgrade(id, stream, &config)).await else {
         return;
     };
     let Ok(task) = handle.await else {
@@ -306,6 +318,29 @@ async fn connection(
                     Some(Ok(WsMessage::Text(text))) => text.as_bytes().to_vec(),
                     Some(Ok(WsMessage::Close(_))) | None => break,
                     Some(Ok(_)) => continue, // ping/pong: tungstenite answers pings
+                    // Over `max_message_size`: tungstenite refuses it from the
+                    // header, before buffering it. Say so like any protocol
+                    // error (an `error` frame), then close with 1009.
+                    Some(Err(WsError::Capacity(e))) => {
+                        tracing::info!(%id, error = %e, "message over the size limit: closing");
+                        let error = protocol::Message::Error {
+                            message: format!(
+                                "message too large ({e}); this relay accepts at most {} bytes",
+                                config.max_message_size
+                            ),
+                            sender_id: None,
+                            target_id: None,
+                        };
+                        let _ = ws.send(WsMessage::Binary(error.encode().into())).await;
+                        let close = CloseFrame {
+                            code: CloseCode::Size,
+                            reason: "message too large".into(),
+                        };
+                        let _ = ws.send(WsMessage::Close(Some(close))).await;
+                        // Boxed: its buffer would otherwise be in every connection's task.
+                        Box::pin(linger(&mut ws, config.max_message_size)).await;
+                        break;
+                    }
                     Some(Err(e)) => {
                         tracing::debug!(%id, error = %e, "websocket read failed");
                         break;
@@ -343,6 +378,24 @@ async fn connection(
     }
     let _ = ws.close(None).await;
     let _ = tx.send(Input::Closed { id }).await;
+}
+
+/// Read and drop what the peer still sends (at most `budget` bytes, 2 s,
+/// until it pauses), so that closing a socket with unread input does not
+/// reset the connection and destroy the frames just sent to it.
+async fn linger(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, budget: usize) {
+    use tokio::io::AsyncReadExt;
+    let stream = ws.get_mut();
+    let mut buf = [0u8; 8192];
+    let mut left = budget;
+    let end = Instant::now() + Duration::from_secs(2);
+    while left > 0 {
+        let pause = (Instant::now() + Duration::from_millis(200)).min(end);
+        match tokio::time::timeout_at(pause, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
 }
 
 struct Conn {
@@ -507,5 +560,32 @@ fn route<S: Storage>(repo: &mut Repo<S>, ctx: &mut Ctx) {
             }
             Output::Event(event) => tracing::trace!(?event, "repo event"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each connection's task is allocated (and written) at the size of the
+    /// largest state of `connection`, so a big local on a rare path costs
+    /// every idle connection its size: box such paths.
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dial = TcpStream::connect(listener.local_addr().unwrap());
+        let (accepted, _dialed) = tokio::join!(listener.accept(), dial);
+        let (stream, _) = accepted.unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let (_handle_tx, handle_rx) = oneshot::channel();
+        let task = connection(
+            ConnectionId(1),
+            stream,
+            RelayConfig::default(),
+            tx,
+            handle_rx,
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 4096, "a connection task holds {size} bytes");
     }
 }

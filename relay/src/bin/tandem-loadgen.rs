@@ -1,4 +1,14 @@
-//! `tandem-loadgen`: the fan-out benchmark's load generator.
+//! `tandem-loadgen`: the relay benchmarks' load generator, pointed alike at
+//! Tandem's relay and at any other automerge-repo v1 sync server.
+//!
+//! - no subcommand: the fan-out benchmark (below; relay/bench/fanout.sh);
+//! - `idle`: memory per idle connection (relay/bench/idle.sh, module `idle`);
+//! - `seed` and `cold-start`: first sync after launch over a store of many
+//!   documents (relay/bench/coldstart.sh, module `cold_start`).
+//!
+//! `--compare A B` prints two JSON reports of the same kind side by side.
+//!
+//! # Fan-out
 //!
 //! One writer and N readers, each an automerge-repo client (the engine's
 //! `Repo<MemoryStorage>` over tokio-tungstenite, one tokio task each), on one
@@ -16,8 +26,7 @@
 //! latency (observation time minus `t`: the same machine's clock).
 //!
 //! With `--server-pid` the server's CPU time and RSS are sampled from /proc
-//! every 500 ms. `--json` prints the report as JSON; `--compare A B` prints
-//! two such reports side by side (see relay/bench/fanout.sh).
+//! every 500 ms. `--json` prints the report as JSON.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,11 +48,22 @@ use tandem_engine::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-/// Fan-out load generator: 1 writer, N readers, one document.
+// The other benchmarks, one file each beside this one (a directory without
+// main.rs, so cargo does not take them for binaries).
+#[path = "tandem-loadgen/cold_start.rs"]
+mod cold_start;
+#[path = "tandem-loadgen/idle.rs"]
+mod idle;
+
+/// Load generator for the relay benchmarks. Without a subcommand: fan-out,
+/// 1 writer and N readers on one document.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Bench>,
     /// WebSocket URL of the sync server.
     #[arg(long, required_unless_present = "compare")]
     url: Option<String>,
@@ -74,9 +94,23 @@ struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// Print two JSON reports (from --json) side by side, with ratios A/B.
+    /// Print two JSON reports of the same benchmark (from --json) side by
+    /// side, with ratios A/B.
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     compare: Option<Vec<PathBuf>>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Bench {
+    /// Memory per idle connection: connect N clients that each complete the
+    /// handshake and load one document, then read the server's RSS.
+    Idle(idle::IdleArgs),
+    /// Write a Tandem store of N small documents (and export them, to seed
+    /// another server with the same documents); prints the id to request.
+    Seed(cold_start::SeedArgs),
+    /// Launch a server command repeatedly and time each launch until the
+    /// first sync of a stored document completes.
+    ColdStart(cold_start::ColdStartArgs),
 }
 
 type Socket =
@@ -99,6 +133,10 @@ struct Client {
     repo: Repo<MemoryStorage>,
     sink: SplitSink<Socket, Ws>,
     frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    /// The server answered `join` with `peer`.
+    ready: bool,
+    /// The server said it does not have a document we asked for.
+    unavailable: bool,
     /// Why the connection ended, once it has.
     closed: Option<String>,
     /// Nothing waits past this.
@@ -110,10 +148,26 @@ struct Client {
 
 impl Client {
     async fn connect(url: &str, name: String, deadline: Instant) -> Result<Self> {
-        let (ws, _) = tokio::time::timeout_at(deadline, tokio_tungstenite::connect_async(url))
+        Self::connect_with(url, name, deadline, None).await
+    }
+
+    /// Connect with these WebSocket settings (tungstenite's defaults: None).
+    async fn connect_with(
+        url: &str,
+        name: String,
+        deadline: Instant,
+        config: Option<WebSocketConfig>,
+    ) -> Result<Self> {
+        let connecting = tokio_tungstenite::connect_async_with_config(url, config, false);
+        let (ws, _) = tokio::time::timeout_at(deadline, connecting)
             .await
             .context("timed out connecting")?
             .with_context(|| format!("cannot connect to {url}"))?;
+        Self::over(ws, RepoConfig::new(PeerId::new(name)), deadline).await
+    }
+
+    /// A client on an open WebSocket: sends `join` at once.
+    async fn over(ws: Socket, config: RepoConfig, deadline: Instant) -> Result<Self> {
         let (sink, mut stream) = ws.split();
         let (tx, frames) = mpsc::unbounded_channel();
         // Read eagerly, so the server never waits on us (and pings are answered).
@@ -130,16 +184,14 @@ impl Client {
                 }
             }
         });
-        let mut repo = Repo::open(
-            MemoryStorage::new(),
-            RepoConfig::new(PeerId::new(name)),
-            ShareAll,
-        )?;
+        let mut repo = Repo::open(MemoryStorage::new(), config, ShareAll)?;
         repo.connect(CONN, Direction::Outgoing)?;
         let mut client = Self {
             repo,
             sink,
             frames,
+            ready: false,
+            unavailable: false,
             closed: None,
             deadline,
             frames_in: 0,
@@ -185,6 +237,8 @@ impl Client {
                 Output::Event(Event::PeerDisconnected { .. }) => {
                     self.closed.get_or_insert("peer disconnected".into());
                 }
+                Output::Event(Event::PeerConnected(_)) => self.ready = true,
+                Output::Event(Event::DocumentUnavailable { .. }) => self.unavailable = true,
                 Output::Event(_) => {}
             }
         }
@@ -211,6 +265,61 @@ impl Client {
             }
             Err(_) => None,
         }
+    }
+
+    /// Create a document with `fill`, send it, and wait until the server
+    /// has stored it (its heads include ours).
+    async fn create_stored(
+        &mut self,
+        until: Instant,
+        fill: impl FnOnce(
+            &mut tandem_engine::automerge::AutoCommit,
+        ) -> Result<(), tandem_engine::automerge::AutomergeError>,
+    ) -> Result<DocumentId> {
+        let doc = self.repo.create()?;
+        self.repo.change(&doc, fill)?;
+        self.pump().await;
+        while !heads_contain(&mut self.repo, &doc) {
+            if let Some(e) = &self.closed {
+                bail!("lost the connection while creating a document: {e}");
+            }
+            if Instant::now() >= until {
+                bail!("the server did not store the new document in time");
+            }
+            if let Some(f) = self.next_frame(until).await {
+                self.receive(&f);
+                while let Ok(f) = self.frames.try_recv() {
+                    self.receive(&f);
+                }
+                self.pump().await;
+            }
+        }
+        Ok(doc)
+    }
+
+    /// Receive until `done(self)` holds, the connection ends or `until`.
+    async fn run_until(&mut self, until: Instant, mut done: impl FnMut(&mut Self) -> bool) -> bool {
+        while !done(self) {
+            if self.closed.is_some()
+                || self.unavailable
+                || Instant::now() >= until.min(self.deadline)
+            {
+                return false;
+            }
+            if let Some(f) = self.next_frame(until).await {
+                self.receive(&f);
+                while let Ok(f) = self.frames.try_recv() {
+                    self.receive(&f);
+                }
+                self.pump().await;
+            }
+        }
+        true
+    }
+
+    /// The document has arrived (it was empty here until the server sent it).
+    fn has(&mut self, doc: &DocumentId) -> bool {
+        self.repo.heads(doc).is_ok_and(|h| !h.is_empty())
     }
 
     async fn close(mut self) {
@@ -632,31 +741,14 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
 
     // The writer creates the document and waits until the server stored it.
     let mut client = Client::connect(url, "loadgen-writer".into(), deadline).await?;
-    let doc = client.repo.create()?;
     let t = now_us();
-    client.repo.change(&doc, |d| {
-        d.put(ROOT, "v", 0u64)?;
-        d.put(ROOT, "t", t)
-    })?;
-    client.pump().await;
-    while !heads_contain(&mut client.repo, &doc) {
-        if let Some(e) = &client.closed {
-            bail!("the writer lost its connection during setup: {e}");
-        }
-        if Instant::now() >= setup_end {
-            bail!(
-                "the server did not store the new document within {} s",
-                args.setup_secs
-            );
-        }
-        if let Some(f) = client.next_frame(setup_end).await {
-            client.receive(&f);
-            while let Ok(f) = client.frames.try_recv() {
-                client.receive(&f);
-            }
-            client.pump().await;
-        }
-    }
+    let doc = client
+        .create_stored(setup_end, |d| {
+            d.put(ROOT, "v", 0u64)?;
+            d.put(ROOT, "t", t)
+        })
+        .await
+        .with_context(|| format!("writer setup (within {} s)", args.setup_secs))?;
     let (writer_tx, writer_rx) = mpsc::channel(1);
     let writer = tokio::spawn(
         Writer {
@@ -773,6 +865,7 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
         })
         .collect();
     Ok(json!({
+        "kind": "fan-out",
         "label": args.label,
         "url": url,
         "readers": args.readers,
@@ -862,6 +955,36 @@ fn print_report(r: &Value) {
     );
 }
 
+/// A/B with two decimals, or "-".
+fn ratio(a: &Value, b: &Value) -> String {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) if y != 0.0 => format!("{:.2}", x / y),
+        _ => "-".into(),
+    }
+}
+
+/// Print `rows` (label, JSON pointer) of two reports side by side with A/B.
+fn compare_rows(a: &Value, b: &Value, rows: &[(&str, &str)]) {
+    let (an, bn) = (f(&a["label"]), f(&b["label"]));
+    println!(
+        "  {:<40} {:>12} {:>12} {:>10}",
+        "",
+        an,
+        bn,
+        format!("{an}/{bn}")
+    );
+    for (label, ptr) in rows {
+        let va = a.pointer(ptr).unwrap_or(&Value::Null);
+        let vb = b.pointer(ptr).unwrap_or(&Value::Null);
+        println!(
+            "  {label:<40} {:>12} {:>12} {:>10}",
+            f(va),
+            f(vb),
+            ratio(va, vb)
+        );
+    }
+}
+
 fn compare(a_path: &Path, b_path: &Path) -> Result<()> {
     let load = |p: &Path| -> Result<Value> {
         let text =
@@ -870,6 +993,14 @@ fn compare(a_path: &Path, b_path: &Path) -> Result<()> {
             .with_context(|| format!("{} is not a loadgen JSON report", p.display()))
     };
     let (a, b) = (load(a_path)?, load(b_path)?);
+    if a["kind"] != b["kind"] {
+        bail!("the two reports are of different benchmarks");
+    }
+    match a["kind"].as_str() {
+        Some("idle") => return idle::compare(&a, &b),
+        Some("cold-start") => return cold_start::compare(&a, &b),
+        _ => {}
+    }
     let (an, bn) = (f(&a["label"]), f(&b["label"]));
     println!(
         "fan-out: {} readers, rate phase {} changes/s, {} s per phase",
@@ -895,11 +1026,12 @@ fn compare(a_path: &Path, b_path: &Path) -> Result<()> {
         for (label, ptr) in ROWS {
             let va = pa.pointer(ptr).unwrap_or(&Value::Null);
             let vb = pb.pointer(ptr).unwrap_or(&Value::Null);
-            let ratio = match (va.as_f64(), vb.as_f64()) {
-                (Some(x), Some(y)) if y != 0.0 => format!("{:.2}", x / y),
-                _ => "-".into(),
-            };
-            println!("  {label:<34} {:>12} {:>12} {ratio:>10}", f(va), f(vb));
+            println!(
+                "  {label:<34} {:>12} {:>12} {:>10}",
+                f(va),
+                f(vb),
+                ratio(va, vb)
+            );
         }
         println!("  p99 by 2 s send window (ms)");
         println!("    {an}: {}", windows_line(pa));
@@ -923,10 +1055,26 @@ fn compare(a_path: &Path, b_path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Print a report as pretty JSON, or through `human`.
+fn emit(report: &Value, json: bool, human: impl FnOnce(&Value)) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        human(report);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(paths) = &args.compare {
         return compare(&paths[0], &paths[1]);
+    }
+    match &args.command {
+        Some(Bench::Idle(a)) => return idle::main(a),
+        Some(Bench::Seed(a)) => return cold_start::seed(a),
+        Some(Bench::ColdStart(a)) => return cold_start::main(a),
+        None => {}
     }
     let url = args.url.clone().context("--url is required")?;
     if args.rate <= 0.0 || args.phase_secs <= 0.0 || args.window_secs <= 0.0 {
