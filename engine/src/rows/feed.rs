@@ -5,7 +5,7 @@ use std::borrow::BorrowMut;
 use crate::Repo;
 use std::collections::{BTreeMap, BTreeSet};
 
-use automerge::{Prop, ReadDoc};
+use automerge::ReadDoc;
 
 use super::document::{self, At};
 use super::{Rows, Value, Version};
@@ -185,28 +185,18 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
                 (true, false) => RowChange::Deleted,
                 (false, false) => return Vec::new(),
             };
+            // Compare each column's value and versions before and after
+            // (rather than automerge's patch diff, which would also pull
+            // the patch machinery into the browser build).
             let changed: BTreeSet<String> = if change == RowChange::Inserted {
                 document::columns(d, &after).into_iter().collect()
             } else {
-                d.diff(&entry.before, &entry.heads)
-                    .into_iter()
-                    .filter_map(|p| {
-                        let prop = match p.path.first() {
-                            Some((_, Prop::Map(k))) => k.clone(),
-                            Some(_) => return None,
-                            None => match &p.action {
-                                automerge::PatchAction::PutMap { key, .. }
-                                | automerge::PatchAction::DeleteMap { key } => key.clone(),
-                                automerge::PatchAction::Increment {
-                                    prop: Prop::Map(k), ..
-                                } => k.clone(),
-                                automerge::PatchAction::Conflict { prop: Prop::Map(k) } => {
-                                    k.clone()
-                                }
-                                _ => return None,
-                            },
-                        };
-                        (!prop.starts_with('_')).then_some(prop)
+                let mut all: BTreeSet<String> = document::columns(d, &after).into_iter().collect();
+                all.extend(document::columns(d, &before));
+                all.into_iter()
+                    .filter(|c| {
+                        document::cell(d, &before, &schema, c)
+                            != document::cell(d, &after, &schema, c)
                     })
                     .collect()
             };

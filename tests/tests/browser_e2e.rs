@@ -1,0 +1,330 @@
+//! The browser demo (examples/browser) end to end: `wasm/build.sh` builds the
+//! package, a real relay (`tandem_relay::serve`, anonymous) listens on
+//! 127.0.0.1:0, and `examples/browser/e2e.mjs` drives two headless Chromium
+//! pages of the demo (playwright-core with Debian's `/usr/bin/chromium`):
+//! an edit in one page appears in the other; one page goes offline, both
+//! edit the same task, the offline page reloads (its edits come back from
+//! IndexedDB), reconnects, and both pages show the same merged task, with
+//! the title conflict listed. The official `@automerge/automerge-repo` client
+//! (tests/js) then reads the row document through the relay. A screenshot
+//! goes to `tests/artifacts/browser-demo.png`.
+//!
+//! Nothing skips: a missing tool (node, npm, chromium, the wasm toolchain)
+//! fails the test with the reason.
+//!
+//! Run: `cargo test -p tandem-tests --test browser_e2e -- --nocapture`
+
+#[allow(dead_code)] // only the npm install of tests/js is used here
+#[path = "support/node.rs"]
+mod node;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem_engine::{MemoryStorage, PeerId, Repo, RepoConfig};
+use tandem_relay::{RelayConfig, serve};
+
+/// A first build compiles std for wasm32 and may install wasm-bindgen-cli.
+const BUILD_LIMIT: Duration = Duration::from_secs(40 * 60);
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// Run `command` within `limit`; panic with its output's tail if it fails.
+fn run_limited(mut command: Command, what: &str, limit: Duration) -> String {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    let tail = |s: &str| {
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(80)..].join("\n")
+    };
+    match status {
+        Some(s) if s.success() => {
+            eprintln!("{what} took {:.0?}", started.elapsed());
+            format!("{stdout}\n{stderr}")
+        }
+        Some(s) => panic!(
+            "{what} failed ({s}) after {:.0?}.\n--- stdout\n{}\n--- stderr\n{}",
+            started.elapsed(),
+            tail(&stdout),
+            tail(&stderr)
+        ),
+        None => panic!(
+            "{what} did not finish within {limit:?}.\n--- stdout\n{}\n--- stderr\n{}",
+            tail(&stdout),
+            tail(&stderr)
+        ),
+    }
+}
+
+/// The tests of this file share the wasm build; they take turns.
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Build wasm/pkg (incremental after the first time); installs the
+/// toolchain pieces it can (wasm/build.sh).
+fn build_package() {
+    let mut command = Command::new("bash");
+    command
+        .arg(root().join("wasm/build.sh"))
+        .current_dir(root())
+        // The outer `cargo test` may set these for itself; the wasm build
+        // chooses its own compiler and target dir.
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    let output = run_limited(command, "wasm/build.sh", BUILD_LIMIT);
+    eprintln!("{}", output.trim());
+}
+
+/// `examples/browser`, with playwright-core installed (`npm ci`) if missing.
+fn demo_dir() -> PathBuf {
+    let dir = root().join("examples/browser");
+    if !dir
+        .join("node_modules/playwright-core/package.json")
+        .is_file()
+    {
+        let mut npm = Command::new("npm");
+        npm.args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir);
+        run_limited(npm, "npm ci in examples/browser", Duration::from_secs(300));
+    }
+    dir
+}
+
+#[test]
+fn two_pages_of_the_demo_sync_offline_edits_merge_and_automerge_repo_reads_a_row() {
+    assert!(
+        Path::new("/usr/bin/chromium").is_file(),
+        "/usr/bin/chromium is missing: apt-get install chromium (see wasm/build.sh --install-only)"
+    );
+    node::require_node(); // Node on PATH, and tests/js installed (automerge-repo)
+    let demo = demo_dir();
+    let _guard = lock();
+    build_package();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(300), async {
+            let config = RelayConfig::default(); // anonymous
+            let relay_repo = Repo::open(
+                MemoryStorage::new(),
+                RepoConfig::new(PeerId::new("relay")),
+                config.auth.policy(),
+            )
+            .unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("ws://{}", listener.local_addr().unwrap());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let relay = tokio::spawn(serve(listener, relay_repo, config, async {
+                let _ = stopped.await;
+            }));
+
+            let screenshot = root().join("tests/artifacts/browser-demo.png");
+            let _ = std::fs::remove_file(&screenshot);
+            let args = serde_json::json!({
+                "relay": url,
+                "root": root(),
+                "screenshot": screenshot,
+            });
+            let output = tokio::task::spawn_blocking(move || {
+                let mut node = Command::new("node");
+                node.arg("e2e.mjs").arg(args.to_string()).current_dir(demo);
+                run_limited(
+                    node,
+                    "node examples/browser/e2e.mjs",
+                    Duration::from_secs(200),
+                )
+            })
+            .await
+            .unwrap();
+            let report: serde_json::Value = output
+                .lines()
+                .rev()
+                .find_map(|l| serde_json::from_str(l).ok())
+                .unwrap_or_else(|| panic!("no JSON report from e2e.mjs:\n{output}"));
+            eprintln!("report: {report:#}");
+
+            // An edit in one page appeared in the other.
+            assert_eq!(report["liveSync"]["title"], "Water the plants");
+            assert_eq!(report["liveSync"]["notes"], "Ferns first");
+            // The offline page kept its edits across the reload, still offline.
+            assert_eq!(report["stateAfterReload"], "offline");
+            assert_eq!(
+                report["afterReload"], report["offlineBeforeReload"],
+                "IndexedDB kept every offline edit"
+            );
+            assert_eq!(
+                report["afterReload"]["title"],
+                "Water all plants (B, offline)"
+            );
+            // Both pages converged on the merged row.
+            let merged = &report["merged"];
+            assert_eq!(merged["a"], merged["b"], "both stores read the same row");
+            assert_eq!(merged["shownA"], merged["shownB"], "both pages show it");
+            let values = &merged["a"]["values"];
+            assert_eq!(values["notes"], "Weekly: Ferns first then the cactus");
+            assert_eq!(values["votes"], 2);
+            assert_eq!(values["done"], true);
+            let titles = merged["a"]["conflicts"]["title"]
+                .as_array()
+                .expect("the concurrent titles are listed");
+            assert_eq!(titles.len(), 2);
+            // Last writer wins: the shown title is the later version.
+            assert_eq!(values["title"], titles[1]["value"]);
+            assert!(
+                merged["shownA"]["conflict"]
+                    .as_str()
+                    .is_some_and(|c| c.contains("Water the plants (A)")
+                        && c.contains("Water all plants (B, offline)")),
+                "the page lists the competing titles: {}",
+                merged["shownA"]
+            );
+            assert!(screenshot.is_file(), "no screenshot at {screenshot:?}");
+
+            // The official automerge-repo client read the row document
+            // through the relay: the documented row schema.
+            let read = &report["automergeRepo"];
+            assert_eq!(
+                read["url"],
+                format!("automerge:{}", report["documentId"].as_str().unwrap())
+            );
+            let doc = &read["doc"];
+            assert_eq!(doc["_table"], "tasks");
+            assert_eq!(doc["_key"], report["key"]);
+            assert_eq!(doc["notes"], values["notes"]);
+            assert_eq!(doc["votes"], 2);
+            assert_eq!(doc["done"]["value"], true);
+            assert!(
+                titles.iter().any(|t| t["value"] == doc["title"]["value"]),
+                "the title register holds one of the versions: {doc}"
+            );
+
+            let _ = stop.send(());
+            let _ = relay.await;
+        })
+        .await
+        .expect("the end-to-end test finished within 300 s");
+    });
+}
+
+/// The row bindings' wasm-bindgen tests (wasm/tests/rows.rs) in headless
+/// Chromium, with the toolchain wasm/build.sh uses: rustup's wasm32 target
+/// if installed, otherwise Debian's rustc-web with std built from source.
+#[test]
+fn the_row_bindings_pass_their_tests_in_headless_chromium() {
+    let _guard = lock();
+    build_package(); // installs the toolchain, wasm-bindgen-cli and chromedriver if missing
+    assert!(
+        Path::new("/usr/bin/chromedriver").is_file(),
+        "/usr/bin/chromedriver is missing: apt-get install chromium-driver"
+    );
+    let rustup_target = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l == "wasm32-unknown-unknown")
+        });
+    let home = std::env::var("HOME").unwrap_or_default();
+    let path = format!(
+        "{home}/.cargo/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut command = Command::new(if rustup_target {
+        "cargo"
+    } else {
+        "/usr/bin/cargo"
+    });
+    command
+        .args([
+            "test",
+            "--target",
+            "wasm32-unknown-unknown",
+            "-p",
+            "tandem-wasm",
+            "--test",
+            "rows",
+        ])
+        .current_dir(root())
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("PATH", path)
+        .env("CARGO_TARGET_DIR", root().join("target/wasm"))
+        .env("CHROMEDRIVER", "/usr/bin/chromedriver")
+        .env("WASM_BINDGEN_TEST_TIMEOUT", "120");
+    if rustup_target {
+        command.env_remove("RUSTC").env_remove("RUSTDOC");
+    } else {
+        command
+            .arg("-Zbuild-std=std,panic_abort")
+            .env("RUSTC", "/usr/bin/rustc")
+            .env("RUSTDOC", "/usr/bin/rustdoc")
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env(
+                "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER",
+                "/usr/lib/llvm-19/bin/wasm-ld",
+            );
+    }
+    let output = run_limited(
+        command,
+        "the row bindings' browser tests",
+        Duration::from_secs(20 * 60),
+    );
+    let summary = output
+        .lines()
+        .find(|l| l.starts_with("test result:"))
+        .unwrap_or_else(|| panic!("no test summary in the browser run:\n{output}"));
+    assert!(
+        summary.contains("ok") && !summary.contains(" 0 passed"),
+        "row binding tests: {summary}\n{output}"
+    );
+}
