@@ -18,79 +18,19 @@
 #[path = "support/node.rs"]
 mod node;
 
-use std::io::Read;
+#[path = "support/process.rs"]
+mod process;
+use process::{root, run_limited};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use tandem_engine::{MemoryStorage, PeerId, Repo, RepoConfig};
 use tandem_relay::{RelayConfig, serve};
 
 /// A first build compiles std for wasm32 and may install wasm-bindgen-cli.
 const BUILD_LIMIT: Duration = Duration::from_secs(40 * 60);
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the workspace")
-        .to_path_buf()
-}
-
-/// Run `command` within `limit`; panic with its output's tail if it fails.
-fn run_limited(mut command: Command, what: &str, limit: Duration) -> String {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the child") {
-            break Some(status);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
-    let tail = |s: &str| {
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(80)..].join("\n")
-    };
-    match status {
-        Some(s) if s.success() => {
-            eprintln!("{what} took {:.0?}", started.elapsed());
-            format!("{stdout}\n{stderr}")
-        }
-        Some(s) => panic!(
-            "{what} failed ({s}) after {:.0?}.\n--- stdout\n{}\n--- stderr\n{}",
-            started.elapsed(),
-            tail(&stdout),
-            tail(&stderr)
-        ),
-        None => panic!(
-            "{what} did not finish within {limit:?}.\n--- stdout\n{}\n--- stderr\n{}",
-            tail(&stdout),
-            tail(&stderr)
-        ),
-    }
-}
 
 /// The tests of this file share the wasm build; they take turns.
 fn lock() -> std::sync::MutexGuard<'static, ()> {

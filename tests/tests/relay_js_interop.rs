@@ -20,6 +20,10 @@
 #[path = "support/node.rs"]
 mod node;
 
+#[path = "support/relay.rs"]
+mod relay;
+use relay::{Relay, start_relay};
+
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -28,12 +32,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tandem_engine::automerge::{ChangeHash, ROOT, ReadDoc, transaction::Transactable};
-use tandem_engine::{
-    AutomergeUrl, DocumentId, MemoryStorage, PeerId, RedbStorage, Repo, RepoConfig, ShareAll,
-};
-use tandem_relay::{Client, ClientConfig, RelayConfig, serve};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tandem_engine::{AutomergeUrl, DocumentId, MemoryStorage, PeerId, Repo, RepoConfig, ShareAll};
+use tandem_relay::{Client, ClientConfig};
+use tokio::sync::mpsc;
 
 /// Bound on each single wait.
 const T: Duration = Duration::from_secs(15);
@@ -47,37 +48,6 @@ async fn bounded<F: Future>(f: F) -> F::Output {
 }
 
 // ---- the relay -------------------------------------------------------------
-
-struct Relay {
-    url: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Repo<RedbStorage>>,
-    _dir: tempfile::TempDir,
-}
-
-/// The relay as `tandem serve --allow-anonymous` runs it, on 127.0.0.1:0.
-async fn start_relay() -> Relay {
-    let dir = tempfile::tempdir().unwrap();
-    let config = RelayConfig::default();
-    let repo = Repo::open(
-        RedbStorage::open(dir.path().join("store.redb")).unwrap(),
-        RepoConfig::new(PeerId::new("tandem-relay")),
-        config.auth.policy(),
-    )
-    .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, repo, config, async {
-        let _ = stopped.await;
-    }));
-    Relay {
-        url,
-        stop,
-        task,
-        _dir: dir,
-    }
-}
 
 impl Relay {
     /// Shut down gracefully and read `key` of `doc` from what the relay stored.

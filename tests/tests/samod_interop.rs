@@ -13,6 +13,10 @@
 //! Run: `cargo test -p tandem-tests --test samod_interop -- --nocapture`
 //! (`--nocapture` shows the build time).
 
+#[path = "support/relay.rs"]
+mod relay;
+use relay::start_relay;
+
 use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -21,12 +25,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tandem_engine::automerge::{ROOT, ReadDoc, transaction::Transactable};
-use tandem_engine::{
-    AutomergeUrl, DocumentId, MemoryStorage, PeerId, RedbStorage, Repo, RepoConfig, ShareAll,
-};
-use tandem_relay::{Client, ClientConfig, RelayConfig, serve};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tandem_engine::{AutomergeUrl, DocumentId, MemoryStorage, PeerId, Repo, RepoConfig, ShareAll};
+use tandem_relay::{Client, ClientConfig};
 
 /// Bound on each single wait (and on each samod-peer run).
 const T: Duration = Duration::from_secs(20);
@@ -160,37 +160,6 @@ async fn samod(relay: &str, args: &[&str]) -> String {
 }
 
 // ---- the relay and a native client -------------------------------------------
-
-struct Relay {
-    url: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Repo<RedbStorage>>,
-    _dir: tempfile::TempDir,
-}
-
-/// The relay as `tandem serve --allow-anonymous` runs it, on 127.0.0.1:0.
-async fn start_relay() -> Relay {
-    let dir = tempfile::tempdir().unwrap();
-    let config = RelayConfig::default();
-    let repo = Repo::open(
-        RedbStorage::open(dir.path().join("store.redb")).unwrap(),
-        RepoConfig::new(PeerId::new("tandem-relay")),
-        config.auth.policy(),
-    )
-    .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, repo, config, async {
-        let _ = stopped.await;
-    }));
-    Relay {
-        url,
-        stop,
-        task,
-        _dir: dir,
-    }
-}
 
 fn native(url: &str) -> Client<MemoryStorage> {
     let repo = Repo::open(

@@ -14,11 +14,14 @@
 #[path = "support/node.rs"]
 mod node;
 
-use std::io::Read;
+#[path = "support/process.rs"]
+mod process;
+use process::{root, run_limited};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Generous bound for a first build on 2 cores (std from source, and a
 /// wasm-bindgen-cli install); a warm build takes seconds.
@@ -30,73 +33,8 @@ const TEST_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// the code), so this guards against growth rather than meeting the target.
 const GZIP_BUDGET: u64 = 560 * 1024;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the workspace")
-        .to_path_buf()
-}
-
 fn pkg() -> PathBuf {
     root().join("wasm/pkg")
-}
-
-/// Run `command` within `limit`, collecting its output; panic with the
-/// output's tail if it fails or times out.
-fn run_limited(mut command: Command, what: &str, limit: Duration) -> String {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    // Drain both pipes on threads so a chatty child cannot block on a full pipe.
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the child") {
-            break Some(status);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
-    let tail = |s: &str| {
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(80)..].join("\n")
-    };
-    match status {
-        Some(s) if s.success() => {
-            eprintln!("{what} took {:.0?}", started.elapsed());
-            format!("{stdout}\n{stderr}")
-        }
-        Some(s) => panic!(
-            "{what} failed ({s}) after {:.0?}.\n--- stdout\n{}\n--- stderr\n{}",
-            started.elapsed(),
-            tail(&stdout),
-            tail(&stderr)
-        ),
-        None => panic!(
-            "{what} did not finish within {limit:?}.\n--- stdout\n{}\n--- stderr\n{}",
-            tail(&stdout),
-            tail(&stderr)
-        ),
-    }
 }
 
 /// Run `wasm/build.sh args` within `limit`.
