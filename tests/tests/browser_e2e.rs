@@ -20,7 +20,7 @@ mod node;
 
 #[path = "support/process.rs"]
 mod process;
-use process::{root, run_limited};
+use process::{root, run_limited, with_playwright};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -58,19 +58,8 @@ fn build_package() {
     eprintln!("{}", output.trim());
 }
 
-/// `examples/browser`, with playwright-core installed (`npm ci`) if missing.
 fn demo_dir() -> PathBuf {
-    let dir = root().join("examples/browser");
-    if !dir
-        .join("node_modules/playwright-core/package.json")
-        .is_file()
-    {
-        let mut npm = Command::new("npm");
-        npm.args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir);
-        run_limited(npm, "npm ci in examples/browser", Duration::from_secs(300));
-    }
-    dir
+    with_playwright("examples/browser")
 }
 
 #[test]

@@ -16,7 +16,7 @@ mod node;
 
 #[path = "support/process.rs"]
 mod process;
-use process::{root, run_limited};
+use process::{root, run_limited, with_playwright};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -159,19 +159,8 @@ fn the_bindings_pass_their_tests_in_headless_chromium() {
 
 // ---- end to end: a page, a relay and a native client ------------------------------
 
-/// `wasm/e2e`, with playwright-core installed (`npm ci`) if it is missing.
 fn e2e_dir() -> PathBuf {
-    let dir = root().join("wasm/e2e");
-    if !dir
-        .join("node_modules/playwright-core/package.json")
-        .is_file()
-    {
-        let mut npm = Command::new("npm");
-        npm.args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir);
-        run_limited(npm, "npm ci in wasm/e2e", Duration::from_secs(300));
-    }
-    dir
+    with_playwright("wasm/e2e")
 }
 
 /// A relay (in process, tokens required) on 127.0.0.1:0 and a native Tandem

@@ -71,3 +71,19 @@ pub fn run_limited(mut command: Command, what: &str, limit: Duration) -> String 
         ),
     }
 }
+
+/// `root/<rel>` (a folder with a package.json), with playwright-core
+/// installed by `npm ci` if it is missing.
+pub fn with_playwright(rel: &str) -> PathBuf {
+    let dir = root().join(rel);
+    if !dir
+        .join("node_modules/playwright-core/package.json")
+        .is_file()
+    {
+        let mut npm = Command::new("npm");
+        npm.args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir);
+        run_limited(npm, &format!("npm ci in {rel}"), Duration::from_secs(300));
+    }
+    dir
+}
