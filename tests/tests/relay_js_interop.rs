@@ -22,7 +22,7 @@ mod node;
 
 #[path = "support/relay.rs"]
 mod relay;
-use relay::{Relay, start_relay};
+use relay::{n, native, start_relay, wait_acknowledged, wait_native};
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
@@ -31,9 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tandem_engine::automerge::{ChangeHash, ROOT, ReadDoc, transaction::Transactable};
-use tandem_engine::{AutomergeUrl, DocumentId, MemoryStorage, PeerId, Repo, RepoConfig, ShareAll};
-use tandem_relay::{Client, ClientConfig};
+use tandem_engine::automerge::{ChangeHash, ROOT, transaction::Transactable};
+use tandem_engine::{AutomergeUrl, DocumentId};
 use tokio::sync::mpsc;
 
 /// Bound on each single wait.
@@ -48,24 +47,6 @@ async fn bounded<F: Future>(f: F) -> F::Output {
 }
 
 // ---- the relay -------------------------------------------------------------
-
-impl Relay {
-    /// Shut down gracefully and read `key` of `doc` from what the relay stored.
-    async fn stop_and_read(self, doc: DocumentId, key: &'static str) -> Option<i64> {
-        self.stop.send(()).unwrap();
-        let mut repo = tokio::time::timeout(T, self.task)
-            .await
-            .expect("the relay did not shut down")
-            .unwrap();
-        repo.view(&doc, |d| {
-            d.get(ROOT, key)
-                .ok()
-                .flatten()
-                .and_then(|(v, _)| v.as_i64())
-        })
-        .unwrap()
-    }
-}
 
 // ---- a Node client -----------------------------------------------------------
 
@@ -227,64 +208,6 @@ fn sorted_heads(js: &Value) -> Vec<String> {
     heads
 }
 
-// ---- a native client ---------------------------------------------------------
-
-fn native(url: &str, name: &str) -> Client<MemoryStorage> {
-    let repo = Repo::open(
-        MemoryStorage::new(),
-        RepoConfig::new(PeerId::new(name)),
-        ShareAll,
-    )
-    .unwrap();
-    let config = ClientConfig {
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(500),
-        connect_timeout: Duration::from_secs(5),
-        ..ClientConfig::default()
-    };
-    Client::start(repo, url, config).unwrap()
-}
-
-async fn native_value(client: &Client<MemoryStorage>, doc: DocumentId) -> Option<i64> {
-    client
-        .view(doc, |d| {
-            d.get(ROOT, "n")
-                .ok()
-                .flatten()
-                .and_then(|(v, _)| v.as_i64())
-        })
-        .await
-        .ok()
-        .flatten()
-}
-
-async fn wait_native(client: &Client<MemoryStorage>, doc: DocumentId, want: i64) {
-    let deadline = Instant::now() + T;
-    loop {
-        let got = native_value(client, doc).await;
-        if got == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the native client never saw n = {want} (last saw {got:?}; state {:?})",
-            client.state()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_acknowledged(client: &Client<MemoryStorage>, doc: DocumentId) {
-    let deadline = Instant::now() + T;
-    while !client.acknowledged(doc).await.unwrap() {
-        assert!(
-            Instant::now() < deadline,
-            "the relay never acknowledged the native client's change"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 // ---- the tests ---------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +249,7 @@ async fn js_clients_share_a_document_through_the_relay() {
         b.exit().await;
         c.exit().await;
 
-        assert_eq!(relay.stop_and_read(doc, "n").await, Some(3));
+        assert_eq!(relay.stop(T).await.view(&doc, n).unwrap(), Some(3));
     })
     .await;
 }
@@ -344,11 +267,11 @@ async fn js_and_native_clients_sync_both_ways_through_the_relay() {
         js.call(json!({"cmd": "acked", "url": url})).await;
         let client = native(&relay.url, "native");
         client.request(doc).await.unwrap();
-        wait_native(&client, doc, 10).await;
+        wait_native(&client, doc, 10, T).await;
 
         // The native client writes; the JS client (still connected) sees it.
         client.change(doc, |d| d.put(ROOT, "n", 11)).await.unwrap();
-        wait_acknowledged(&client, doc).await;
+        wait_acknowledged(&client, doc, T).await;
         js.call(json!({"cmd": "wait", "url": url, "key": "n", "equals": 11}))
             .await;
 
@@ -356,7 +279,7 @@ async fn js_and_native_clients_sync_both_ways_through_the_relay() {
         js.call(json!({"cmd": "set", "url": url, "key": "n", "value": 12}))
             .await;
         js.call(json!({"cmd": "acked", "url": url})).await;
-        wait_native(&client, doc, 12).await;
+        wait_native(&client, doc, 12, T).await;
 
         // Both sides hold the same history.
         let js_heads = js.call(json!({"cmd": "acked", "url": url})).await["heads"].clone();
@@ -368,7 +291,7 @@ async fn js_and_native_clients_sync_both_ways_through_the_relay() {
         );
         client.shutdown().await.unwrap();
         js.exit().await;
-        assert_eq!(relay.stop_and_read(doc, "n").await, Some(12));
+        assert_eq!(relay.stop(T).await.view(&doc, n).unwrap(), Some(12));
     })
     .await;
 }

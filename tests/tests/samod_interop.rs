@@ -15,7 +15,7 @@
 
 #[path = "support/relay.rs"]
 mod relay;
-use relay::start_relay;
+use relay::{n, native, start_relay, wait_acknowledged, wait_native};
 
 use std::future::Future;
 use std::io::Read;
@@ -24,9 +24,8 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tandem_engine::automerge::{ROOT, ReadDoc, transaction::Transactable};
-use tandem_engine::{AutomergeUrl, DocumentId, MemoryStorage, PeerId, Repo, RepoConfig, ShareAll};
-use tandem_relay::{Client, ClientConfig};
+use tandem_engine::AutomergeUrl;
+use tandem_engine::automerge::{ROOT, transaction::Transactable};
 
 /// Bound on each single wait (and on each samod-peer run).
 const T: Duration = Duration::from_secs(20);
@@ -161,56 +160,6 @@ async fn samod(relay: &str, args: &[&str]) -> String {
 
 // ---- the relay and a native client -------------------------------------------
 
-fn native(url: &str) -> Client<MemoryStorage> {
-    let repo = Repo::open(
-        MemoryStorage::new(),
-        RepoConfig::new(PeerId::new("native")),
-        ShareAll,
-    )
-    .unwrap();
-    let config = ClientConfig {
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(500),
-        connect_timeout: Duration::from_secs(5),
-        ..ClientConfig::default()
-    };
-    Client::start(repo, url, config).unwrap()
-}
-
-fn n(d: &tandem_engine::Automerge) -> Option<i64> {
-    d.get(ROOT, "n")
-        .ok()
-        .flatten()
-        .and_then(|(v, _)| v.as_i64())
-}
-
-async fn wait_native(client: &Client<MemoryStorage>, doc: DocumentId, want: i64) {
-    let deadline = Instant::now() + T;
-    loop {
-        let got = client.view(doc, n).await.ok().flatten();
-        if got == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the native client never saw n = {want} (last saw {got:?}; state {:?})",
-            client.state()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_acknowledged(client: &Client<MemoryStorage>, doc: DocumentId) {
-    let deadline = Instant::now() + T;
-    while !client.acknowledged(doc).await.unwrap() {
-        assert!(
-            Instant::now() < deadline,
-            "the relay never acknowledged the native client's change"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn bounded<F: Future>(limit: Duration, f: F) -> F::Output {
     tokio::time::timeout(limit, f)
         .await
@@ -234,13 +183,13 @@ async fn samod_and_a_native_client_sync_both_ways_through_the_relay() {
             .parse::<AutomergeUrl>()
             .unwrap_or_else(|e| panic!("samod made a URL Tandem cannot parse: {doc_url:?}: {e}"))
             .document;
-        let client = native(&url);
+        let client = native(&url, "native");
         client.request(doc).await.unwrap();
-        wait_native(&client, doc, 1).await;
+        wait_native(&client, doc, 1, T).await;
 
         // native -> relay -> samod: a fresh samod repo fetches the change.
         client.change(doc, |d| d.put(ROOT, "n", 2)).await.unwrap();
-        wait_acknowledged(&client, doc).await;
+        wait_acknowledged(&client, doc, T).await;
         assert_eq!(samod(&url, &["get", &doc_url, "n"]).await, "2");
 
         // A samod peer that is connected and waiting gets the next native
@@ -250,7 +199,7 @@ async fn samod_and_a_native_client_sync_both_ways_through_the_relay() {
             async move { samod(&url, &["wait", &doc_url, "n", "3"]).await }
         });
         client.change(doc, |d| d.put(ROOT, "n", 3)).await.unwrap();
-        wait_acknowledged(&client, doc).await;
+        wait_acknowledged(&client, doc, T).await;
         let seen = tokio::time::timeout(T, waiter)
             .await
             .expect("the waiting samod peer did not finish")
@@ -260,15 +209,11 @@ async fn samod_and_a_native_client_sync_both_ways_through_the_relay() {
         // samod changes the existing document; the connected native client
         // receives it from the relay.
         assert_eq!(samod(&url, &["set", &doc_url, "n", "4"]).await, "4");
-        wait_native(&client, doc, 4).await;
+        wait_native(&client, doc, 4, T).await;
         assert!(client.acknowledged(doc).await.unwrap());
 
         client.shutdown().await.unwrap();
-        relay.stop.send(()).unwrap();
-        let mut stored = tokio::time::timeout(T, relay.task)
-            .await
-            .expect("the relay did not shut down")
-            .unwrap();
+        let mut stored = relay.stop(T).await;
         assert_eq!(stored.view(&doc, n).unwrap(), Some(4));
     })
     .await;
