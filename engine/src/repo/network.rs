@@ -393,27 +393,28 @@ impl<S: Storage> Repo<S> {
             let conn = self.conns.get_mut(&cid).expect("ready connection");
             conn.docs.insert(doc, PeerDoc::new(access, sync));
         }
-        if !self.docs.exists(&doc)? && self.purge_marker(&doc)?.is_some() {
-            // A peer that has any history of it is offering updates.
-            if !message.heads.is_empty() || !message.changes.is_empty() {
-                tracing::warn!(document = %doc, peer = %peer.peer_id, "update to a purged document refused");
-                self.outputs
-                    .push_back(Output::Event(Event::PurgedDocumentUpdate {
-                        document: doc,
-                        peer_id: peer.peer_id.clone(),
-                    }));
-            }
-            self.doc_unavailable(cid, peer, doc);
-            return Ok(());
-        }
         if !self.docs.exists(&doc)? {
+            if self.purge_marker(&doc)?.is_some() {
+                // A peer that has any history of it is offering updates.
+                if !message.heads.is_empty() || !message.changes.is_empty() {
+                    tracing::warn!(document = %doc, peer = %peer.peer_id, "update to a purged document refused");
+                    self.outputs
+                        .push_back(Output::Event(Event::PurgedDocumentUpdate {
+                            document: doc,
+                            peer_id: peer.peer_id.clone(),
+                        }));
+                }
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
             // A storing peer accepts a new document from a writer; a request
             // for something we do not have is answered at once.
             if is_request || access != Access::ReadWrite {
                 self.doc_unavailable(cid, peer, doc);
                 return Ok(());
             }
-            self.create_with_id(doc)?;
+            // Neither stored nor purged: checked just above.
+            self.insert_empty(doc);
         }
         let loaded = match self.docs.get(&doc) {
             Ok(Some(l)) => l,
