@@ -448,7 +448,13 @@ fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
         Some(n) => indicatif::ProgressBar::new(n),
         None => indicatif::ProgressBar::no_length(),
     };
-    let template = if len.is_some() {
+    style_bar(&bar, what);
+    bar
+}
+
+/// A bar with a length shows progress and time left; without, a spinner.
+fn style_bar(bar: &indicatif::ProgressBar, what: &str) {
+    let template = if bar.length().is_some() {
         format!("{{bar:40}} {{pos}}/{{len}} {what} ({{per_sec}}, eta {{eta}})")
     } else {
         format!("{{spinner}} {{pos}} {what} ({{per_sec}})")
@@ -456,7 +462,6 @@ fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
     if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
         bar.set_style(style);
     }
-    bar
 }
 
 /// `tandem export`: tables as JSON lines.
@@ -472,11 +477,7 @@ fn export(data: &std::path::Path, tables: &[String], out: Option<&std::path::Pat
     let report = tandem_relay::tables::export(&mut rows, tables, &mut sink, |done, total| {
         if bar.length().is_none() {
             bar.set_length(total as u64);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} rows ({per_sec}, eta {eta})",
-            ) {
-                bar.set_style(style);
-            }
+            style_bar(&bar, "rows");
         }
         bar.set_position(done as u64);
     })?;
