@@ -393,6 +393,19 @@ impl<S: Storage> Repo<S> {
         id: &DocumentId,
         f: impl FnOnce(&mut AutoCommit) -> Result<R, AutomergeError>,
     ) -> Result<R, RepoError> {
+        self.edit(id, Origin::Local, f).map(|(r, _)| r)
+    }
+
+    /// Run `f` on a loaded document as one change from `origin`: committed if
+    /// it returns `Ok`, rolled back if `Err`; a change of heads is recorded
+    /// for the next flush. Returns whether the heads changed. A panic
+    /// quarantines the document.
+    fn edit<R>(
+        &mut self,
+        id: &DocumentId,
+        origin: Origin,
+        f: impl FnOnce(&mut AutoCommit) -> Result<R, AutomergeError>,
+    ) -> Result<(R, bool), RepoError> {
         let loaded = self.docs.get(id)?.ok_or(RepoError::NotFound(*id))?;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let before = loaded.doc.get_heads();
@@ -410,12 +423,13 @@ impl<S: Storage> Repo<S> {
         }));
         match outcome {
             Ok(Ok((r, changed))) => {
+                let is_change = changed.is_some();
                 if let Some((before, heads)) = changed {
                     loaded.dirty = true;
                     loaded.pinned = false;
-                    self.on_changed(*id, Origin::Local, before, heads, None);
+                    self.on_changed(*id, origin, before, heads, None);
                 }
-                Ok(r)
+                Ok((r, is_change))
             }
             Ok(Err(e)) => Err(RepoError::Automerge(e)),
             Err(panic) => Err(self.quarantine(*id, panic_message(panic))),
@@ -553,24 +567,10 @@ impl<S: Storage> Repo<S> {
                 .map_err(|e| RepoError::InvalidChange(e.to_string()))?;
             decoded.push(change);
         }
-        let loaded = self.docs.get(id)?.ok_or(RepoError::NotFound(*id))?;
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            let before = loaded.doc.get_heads();
-            loaded.doc.apply_changes(decoded)?;
-            let after = loaded.doc.get_heads();
-            Ok::<_, AutomergeError>((after != before).then_some((before, after)))
-        }));
-        match outcome {
-            Ok(Ok(Some((before, heads)))) => {
-                loaded.dirty = true;
-                loaded.pinned = false;
-                self.on_changed(*id, Origin::Remote(from.clone()), before, heads, None);
-                Ok(true)
-            }
-            Ok(Ok(None)) => Ok(false),
-            Ok(Err(e)) => Err(RepoError::Automerge(e)),
-            Err(panic) => Err(self.quarantine(*id, panic_message(panic))),
-        }
+        self.edit(id, Origin::Remote(from.clone()), |d| {
+            d.apply_changes(decoded)
+        })
+        .map(|((), changed)| changed)
     }
 
     /// The heads of `id` that the store `storage_id` is known to have, from
