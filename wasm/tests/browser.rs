@@ -10,26 +10,19 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use js_sys::{Array, Function, Promise, Reflect};
+use js_sys::{Array, Function, Reflect};
 use tandem_wasm::{PathArg, Tandem};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use wasm_bindgen_test::*;
 
+mod common;
+use common::{js, json, sleep, thrown, unique_name};
+
 wasm_bindgen_test_configure!(run_in_browser);
 
 // ---- helpers ------------------------------------------------------------------
-
-fn js(value: &str) -> JsValue {
-    js_sys::JSON::parse(value).unwrap_or_else(|e| panic!("bad JSON in test {value}: {e:?}"))
-}
-
-fn json(value: &JsValue) -> String {
-    js_sys::JSON::stringify(value)
-        .map(String::from)
-        .unwrap_or_else(|_| format!("{value:?}"))
-}
 
 fn path(steps: &str) -> JsValue {
     js(steps)
@@ -45,29 +38,7 @@ fn key(k: &str) -> Option<PathArg> {
     Some(JsValue::from_str(k).unchecked_into())
 }
 
-async fn sleep(ms: i32) {
-    let promise = Promise::new(&mut |resolve, _| {
-        let set_timeout: Function = Reflect::get(&js_sys::global(), &"setTimeout".into())
-            .unwrap()
-            .unchecked_into();
-        set_timeout
-            .call2(&JsValue::NULL, &resolve, &ms.into())
-            .unwrap();
-    });
-    JsFuture::from(promise).await.unwrap();
-}
-
 /// The message of a thrown `TandemError`.
-#[track_caller]
-fn thrown(result: Result<impl std::fmt::Debug, JsValue>) -> String {
-    let err = result.expect_err("expected the call to throw");
-    let err: js_sys::Error = err
-        .dyn_into()
-        .unwrap_or_else(|v| panic!("thrown value is not an Error: {v:?}"));
-    assert_eq!(String::from(err.name()), "TandemError");
-    String::from(err.message())
-}
-
 /// Records every event delivered to a subscriber.
 struct Recorder {
     events: Rc<RefCell<Vec<JsValue>>>,
@@ -115,10 +86,6 @@ impl Recorder {
         let seen: Vec<String> = self.events.borrow().iter().map(json).collect();
         panic!("no {kind} {state:?} event within 5 s; saw {seen:?}");
     }
-}
-
-fn unique_name(prefix: &str) -> String {
-    format!("{prefix}-{}", (js_sys::Math::random() * 1e12) as u64)
 }
 
 // ---- raw documents --------------------------------------------------------------
