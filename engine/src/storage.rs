@@ -209,6 +209,7 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
 
 /// The byte range `[start, end)` holding every key under `prefix`, and the
 /// exclusive start when resuming after `after`.
+#[cfg(feature = "redb")]
 pub(crate) fn prefix_range(
     prefix: &StorageKey,
     after: Option<&StorageKey>,
