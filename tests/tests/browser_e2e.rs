@@ -18,6 +18,11 @@
 #[path = "support/node.rs"]
 mod node;
 
+#[allow(dead_code)] // only the relay itself is used here
+#[path = "support/relay.rs"]
+mod relay;
+use relay::start_relay_with;
+
 #[path = "support/process.rs"]
 mod process;
 use process::{root, run_limited, with_playwright};
@@ -26,8 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tandem_engine::{MemoryStorage, PeerId, Repo, RepoConfig};
-use tandem_relay::{RelayConfig, serve};
+use tandem_relay::RelayConfig;
 
 /// A first build compiles std for wasm32 and may install wasm-bindgen-cli.
 const BUILD_LIMIT: Duration = Duration::from_secs(40 * 60);
@@ -89,18 +93,8 @@ fn two_pages_of_the_demo_sync_offline_edits_merge_and_automerge_repo_reads_a_row
     runtime.block_on(async {
         tokio::time::timeout(Duration::from_secs(300), async {
             let config = RelayConfig::default(); // anonymous
-            let relay_repo = Repo::open(
-                MemoryStorage::new(),
-                RepoConfig::new(PeerId::new("relay")),
-                config.auth.policy(),
-            )
-            .unwrap();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("ws://{}", listener.local_addr().unwrap());
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let relay = tokio::spawn(serve(listener, relay_repo, config, async {
-                let _ = stopped.await;
-            }));
+            let relay = start_relay_with(config).await;
+            let url = relay.url.clone();
 
             let screenshot = root().join("tests/artifacts/browser-demo.png");
             let _ = std::fs::remove_file(&screenshot);
@@ -182,8 +176,7 @@ fn two_pages_of_the_demo_sync_offline_edits_merge_and_automerge_repo_reads_a_row
                 "the title register holds one of the versions: {doc}"
             );
 
-            let _ = stop.send(());
-            let _ = relay.await;
+            relay.stop(Duration::from_secs(30)).await;
         })
         .await
         .expect("the end-to-end test finished within 300 s");

@@ -14,6 +14,11 @@
 #[path = "support/node.rs"]
 mod node;
 
+#[allow(dead_code)] // only the relay itself is used here
+#[path = "support/relay.rs"]
+mod relay;
+use relay::start_relay_with;
+
 #[path = "support/process.rs"]
 mod process;
 use process::{root, run_limited, with_playwright};
@@ -172,7 +177,7 @@ fn e2e_dir() -> PathBuf {
 fn a_page_syncs_with_a_native_client_through_a_relay() {
     use tandem_engine::automerge::{ROOT, ReadDoc, transaction::Transactable};
     use tandem_engine::{MemoryStorage, PeerId, Repo, RepoConfig, ShareAll};
-    use tandem_relay::{Auth, Claims, Client, ClientConfig, Grant, RelayConfig, mint, serve};
+    use tandem_relay::{Auth, Claims, Client, ClientConfig, Grant, RelayConfig, mint};
 
     let _guard = built();
     let e2e = e2e_dir();
@@ -188,18 +193,8 @@ fn a_page_syncs_with_a_native_client_through_a_relay() {
                 auth: Auth::tokens(secret.clone()),
                 ..RelayConfig::default()
             };
-            let relay_repo = Repo::open(
-                MemoryStorage::new(),
-                RepoConfig::new(PeerId::new("relay")),
-                config.auth.policy(),
-            )
-            .unwrap();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("ws://{}", listener.local_addr().unwrap());
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let relay = tokio::spawn(serve(listener, relay_repo, config, async {
-                let _ = stopped.await;
-            }));
+            let relay = start_relay_with(config).await;
+            let url = relay.url.clone();
             let exp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
@@ -316,8 +311,7 @@ fn a_page_syncs_with_a_native_client_through_a_relay() {
             );
 
             client.shutdown().await.unwrap();
-            let _ = stop.send(());
-            let _ = relay.await;
+            relay.stop(Duration::from_secs(30)).await;
         })
         .await
         .expect("the end-to-end test finished within 240 s");

@@ -32,8 +32,12 @@ impl Relay {
 
 /// The relay as `tandem serve --allow-anonymous` runs it, on 127.0.0.1:0.
 pub async fn start_relay() -> Relay {
+    start_relay_with(RelayConfig::default()).await
+}
+
+/// The relay with `config` (auth, limits), on 127.0.0.1:0.
+pub async fn start_relay_with(config: RelayConfig) -> Relay {
     let dir = tempfile::tempdir().unwrap();
-    let config = RelayConfig::default();
     let repo = Repo::open(
         RedbStorage::open(dir.path().join("store.redb")).unwrap(),
         RepoConfig::new(PeerId::new("tandem-relay")),
