@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,7 +19,7 @@ use tandem_relay::{
 };
 use tokio::net::TcpListener;
 
-use support::{server_repo, start};
+use support::{server_repo, start, wait_until};
 
 type Native = Client<RedbStorage>;
 type Tasks = BTreeMap<String, (String, bool)>;
@@ -56,22 +55,6 @@ fn open_repo(dir: &Path, name: &str) -> Repo<RedbStorage> {
 
 fn client(dir: &Path, name: &str, url: &str, config: ClientConfig) -> Native {
     Client::start(open_repo(dir, name), url, config).unwrap()
-}
-
-/// Poll `check` until it holds; fail with `what` after `secs` seconds.
-async fn wait_until<F, Fut>(what: &str, secs: u64, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn wait_state(c: &Native, who: &str, wanted: impl Fn(&ConnectionState) -> bool) {

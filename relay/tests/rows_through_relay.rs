@@ -5,15 +5,14 @@
 
 mod support;
 
-use std::future::Future;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tandem_engine::rows::{Row, Rows, TableSchema, Value};
 use tandem_engine::{PeerId, RedbStorage, Repo, RepoConfig, ServeOnRequest, ShareAll};
 use tandem_relay::{Client, ClientConfig, ConnectionState, RelayConfig};
 
-use support::{server_repo, start};
+use support::{server_repo, start, wait_until};
 
 type Native = Client<RedbStorage>;
 
@@ -36,21 +35,6 @@ fn client(dir: &Path, name: &str, url: &str) -> Native {
         ..ClientConfig::default()
     };
     Client::start_rows(rows, url, config).unwrap()
-}
-
-async fn wait_until<F, Fut>(what: &str, secs: u64, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 async fn scan(c: &Native) -> Vec<Row> {
