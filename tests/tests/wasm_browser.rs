@@ -150,9 +150,19 @@ fn the_bindings_pass_their_tests_in_headless_chromium() {
         .lines()
         .filter(|l| l.starts_with("test result:"))
         .collect();
-    assert!(
-        !summaries.is_empty(),
-        "no test summary in the browser run:\n{output}"
+    // One summary per file in wasm/tests (browser.rs, rows.rs, ...).
+    let files = std::fs::read_dir(root().join("wasm/tests"))
+        .expect("wasm/tests")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "rs"))
+        })
+        .count();
+    assert!(files >= 2, "wasm/tests should hold browser.rs and rows.rs");
+    assert_eq!(
+        summaries.len(),
+        files,
+        "expected one test summary per wasm/tests file:\n{output}"
     );
     for summary in summaries {
         assert!(
