@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use automerge::sync::{self, SyncDoc};
+use automerge::transaction::CommitOptions;
 use automerge::{AutoCommit, Automerge, AutomergeError, ChangeHash};
 
 pub use self::connection::Direction;
@@ -393,7 +394,18 @@ impl<S: Storage> Repo<S> {
         id: &DocumentId,
         f: impl FnOnce(&mut AutoCommit) -> Result<R, AutomergeError>,
     ) -> Result<R, RepoError> {
-        self.edit(id, Origin::Local, f).map(|(r, _)| r)
+        self.change_with(id, CommitOptions::default(), f)
+    }
+
+    /// [`change`](Self::change), committing with `options` (the change's
+    /// message and time).
+    pub fn change_with<R>(
+        &mut self,
+        id: &DocumentId,
+        options: CommitOptions,
+        f: impl FnOnce(&mut AutoCommit) -> Result<R, AutomergeError>,
+    ) -> Result<R, RepoError> {
+        self.edit(id, Origin::Local, options, f).map(|(r, _)| r)
     }
 
     /// Run `f` on a loaded document as one change from `origin`: committed if
@@ -404,6 +416,7 @@ impl<S: Storage> Repo<S> {
         &mut self,
         id: &DocumentId,
         origin: Origin,
+        options: CommitOptions,
         f: impl FnOnce(&mut AutoCommit) -> Result<R, AutomergeError>,
     ) -> Result<(R, bool), RepoError> {
         let loaded = self.docs.get(id)?.ok_or(RepoError::NotFound(*id))?;
@@ -411,7 +424,7 @@ impl<S: Storage> Repo<S> {
             let before = loaded.doc.get_heads();
             match f(&mut loaded.doc) {
                 Ok(r) => {
-                    loaded.doc.commit();
+                    loaded.doc.commit_with(options);
                     let after = loaded.doc.get_heads();
                     Ok((r, (after != before).then_some((before, after))))
                 }
@@ -567,9 +580,12 @@ impl<S: Storage> Repo<S> {
                 .map_err(|e| RepoError::InvalidChange(e.to_string()))?;
             decoded.push(change);
         }
-        self.edit(id, Origin::Remote(from.clone()), |d| {
-            d.apply_changes(decoded)
-        })
+        self.edit(
+            id,
+            Origin::Remote(from.clone()),
+            CommitOptions::default(),
+            |d| d.apply_changes(decoded),
+        )
         .map(|((), changed)| changed)
     }
 

@@ -63,7 +63,7 @@ use automerge::{AutoCommit, ObjType, ROOT, ReadDoc};
 pub use self::cleanup::CleanupReport;
 use self::document::At;
 pub use self::feed::{RowChange, RowEvent, Watch};
-pub use self::hlc::{HybridClock, Timestamp};
+pub use self::hlc::{HybridClock, ParseTimestampError, Timestamp};
 pub use self::link::{LinkRun, SyncLink, SyncPoint};
 pub use self::schema::{ColumnKind, Resolver, Strategy, TableSchema, Version};
 pub use self::value::Value;
@@ -406,7 +406,7 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
         let ts = self.rows.tick(seen.as_ref());
         self.rows
             .repo_mut()
-            .change(&id, |d| document::put_deleted(d, &ts))?;
+            .change_with(&id, document::stamped(&ts), document::put_deleted)?;
         Ok(())
     }
 
@@ -581,20 +581,22 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
             }
         }
         let ts = self.rows.tick(seen.as_ref());
-        self.rows.repo_mut().change(&id, |d| {
-            ensure_columns(d, &id, &schema)?;
-            if revive {
-                clear(d, &schema)?;
-                if d.get(ROOT, document::TABLE)?.is_none() {
-                    d.put(ROOT, document::TABLE, schema.name.as_str())?;
-                    d.put(ROOT, document::KEY, key)?;
+        self.rows
+            .repo_mut()
+            .change_with(&id, document::stamped(&ts), |d| {
+                ensure_columns(d, &id, &schema)?;
+                if revive {
+                    clear(d, &schema)?;
+                    if d.get(ROOT, document::TABLE)?.is_none() {
+                        d.put(ROOT, document::TABLE, schema.name.as_str())?;
+                        d.put(ROOT, document::KEY, key)?;
+                    }
                 }
-            }
-            for (column, value) in &columns {
-                write_column(d, &schema, column, value, &ts)?;
-            }
-            Ok(())
-        })?;
+                for (column, value) in &columns {
+                    write_column(d, &schema, column, value)?;
+                }
+                Ok(())
+            })?;
         if revive {
             self.rows.list_in_catalog(&schema, key, generation)?;
         }
@@ -689,7 +691,6 @@ fn write_column(
     schema: &TableSchema,
     column: &str,
     value: &Value,
-    ts: &Timestamp,
 ) -> Result<(), automerge::AutomergeError> {
     match (schema.kind(column), value) {
         (ColumnKind::Counter, Value::Int(target)) => {
@@ -708,6 +709,6 @@ fn write_column(
             let obj = text_obj(d, column)?;
             d.update_text(&obj, text.as_str())
         }
-        _ => document::put_register(d, column, value, ts),
+        _ => document::put_register(d, column, value),
     }
 }

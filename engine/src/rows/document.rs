@@ -2,26 +2,31 @@
 //! schema for other automerge clients):
 //!
 //! ```text
-//! { "_table": "tasks", "_key": "t1",          // which row this is
-//!   "_deleted": { "at": 17.., "n": 0, "by": "<storage id>" },  // only when deleted
-//!   "title": { "value": "buy milk", "at": 17.., "n": 0, "by": "<storage id>" },  // register
-//!   "votes": Counter,                          // counter column
-//!   "notes": Text }                            // collaborative text column
+//! { "_table": "tasks", "_key": "t1",   // which row this is
+//!   "_deleted": true,                   // only when deleted
+//!   "title": "buy milk",                // register: a plain scalar
+//!   "votes": Counter,                   // counter column
+//!   "notes": Text }                     // collaborative text column
 //! ```
 //!
-//! A register write puts a new map at the column's key, so concurrent writes
-//! survive side by side as automerge conflicts and the read resolves them by
-//! the table's strategy. Counter and text objects are created by a change
-//! that is the same bytes on every replica (fixed actor derived from the row
-//! and column, no dependencies, time 0): two replicas that create the same
-//! row offline share those objects, so their increments and edits merge
-//! instead of one object hiding the other.
+//! A register is the plain value at the column's key: one automerge
+//! operation per write. Its hybrid-logical-clock timestamp travels in the
+//! metadata of the change that wrote it: the change's message is the
+//! timestamp (`<millis>.<counter>@<replica>`) and its time the same instant
+//! in seconds. Concurrent writes survive side by side as automerge conflicts
+//! at the key; the read finds each version's change (`hash_for_opid`) and
+//! resolves them by the table's strategy. Counter and text objects are
+//! created by a change that is the same bytes on every replica (fixed actor
+//! derived from the row and column, no dependencies, time 0): two replicas
+//! that create the same row offline share those objects, so their increments
+//! and edits merge instead of one object hiding the other.
 
 use std::collections::BTreeMap;
 
-use automerge::transaction::Transactable;
+use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
-    ActorId, AutoCommit, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, Value as AmValue,
+    ActorId, AutoCommit, Automerge, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc,
+    Value as AmValue,
 };
 use sha2::{Digest, Sha256};
 
@@ -140,74 +145,62 @@ impl At<'_> {
     }
 }
 
-fn timestamp_of(doc: &impl ReadDoc, at: &At<'_>, obj: &ObjId) -> Option<Timestamp> {
-    let millis = match at.scalar(doc, obj, "at")? {
-        automerge::ScalarValue::Uint(u) => u,
-        automerge::ScalarValue::Int(i) => u64::try_from(i).ok()?,
-        _ => return None,
+/// The timestamp of the change that made `op`: its message when that is a
+/// timestamp (every change the row layer commits), otherwise (a change from
+/// another automerge client) the change's time and actor.
+fn stamp_of(doc: &Automerge, op: &ObjId) -> Timestamp {
+    let meta = doc
+        .hash_for_opid(op)
+        .and_then(|h| doc.get_change_meta_by_hash(&h));
+    let Some(meta) = meta else {
+        return Timestamp::default();
     };
-    let counter = match at.scalar(doc, obj, "n")? {
-        automerge::ScalarValue::Uint(u) => u32::try_from(u).ok()?,
-        automerge::ScalarValue::Int(i) => u32::try_from(i).ok()?,
-        _ => return None,
-    };
-    let replica = match at.scalar(doc, obj, "by")? {
-        automerge::ScalarValue::Str(s) => s.to_string(),
-        _ => return None,
-    };
-    Some(Timestamp {
-        millis,
-        counter,
-        replica,
-    })
+    if let Some(ts) = meta.message.as_deref().and_then(|m| m.parse().ok()) {
+        return ts;
+    }
+    Timestamp {
+        millis: u64::try_from(meta.timestamp)
+            .unwrap_or(0)
+            .saturating_mul(1000),
+        counter: 0,
+        replica: meta.actor.to_hex_string(),
+    }
 }
 
-fn put_timestamp(
-    d: &mut AutoCommit,
-    obj: &ObjId,
-    ts: &Timestamp,
-) -> Result<(), automerge::AutomergeError> {
-    d.put(obj, "at", ts.millis)?;
-    d.put(obj, "n", u64::from(ts.counter))?;
-    d.put(obj, "by", ts.replica.as_str())?;
-    Ok(())
+/// The commit options of a row change stamped `ts`: the timestamp as the
+/// message, its instant (seconds, automerge's convention) as the time.
+pub(crate) fn stamped(ts: &Timestamp) -> CommitOptions {
+    CommitOptions::default()
+        .with_message(ts.to_string())
+        .with_time(i64::try_from(ts.millis / 1000).unwrap_or(i64::MAX))
 }
 
-/// Write a register: a new map at the column's key, superseding every
-/// version this replica has seen.
+/// Write a register: the value at the column's key, superseding every
+/// version this replica has seen. The change must be committed with
+/// [`stamped`].
 pub(crate) fn put_register(
     d: &mut AutoCommit,
     column: &str,
     value: &Value,
-    ts: &Timestamp,
 ) -> Result<(), automerge::AutomergeError> {
-    let obj = d.put_object(ROOT, column, ObjType::Map)?;
-    d.put(&obj, "value", value.to_scalar())?;
-    put_timestamp(d, &obj, ts)
+    d.put(ROOT, column, value.to_scalar())
 }
 
-/// Flag the row deleted.
-pub(crate) fn put_deleted(
-    d: &mut AutoCommit,
-    ts: &Timestamp,
-) -> Result<(), automerge::AutomergeError> {
-    let obj = d.put_object(ROOT, DELETED, ObjType::Map)?;
-    put_timestamp(d, &obj, ts)
+/// Flag the row deleted (committed with [`stamped`]).
+pub(crate) fn put_deleted(d: &mut AutoCommit) -> Result<(), automerge::AutomergeError> {
+    d.put(ROOT, DELETED, true)
 }
 
 /// The concurrent versions of a register column, oldest first.
-pub(crate) fn versions(doc: &impl ReadDoc, at: &At<'_>, column: &str) -> Vec<Version> {
+pub(crate) fn versions(doc: &Automerge, at: &At<'_>, column: &str) -> Vec<Version> {
     let mut out: Vec<Version> = at
         .get_all(doc, &ROOT, column)
         .into_iter()
-        .filter_map(|(v, obj)| match v {
-            AmValue::Object(ObjType::Map) => {
-                let value = at
-                    .scalar(doc, &obj, "value")
-                    .and_then(|s| Value::from_scalar(&s))?;
+        .filter_map(|(v, op)| match v {
+            AmValue::Scalar(s) if !matches!(s.as_ref(), automerge::ScalarValue::Counter(_)) => {
                 Some(Version {
-                    value,
-                    at: timestamp_of(doc, at, &obj)?,
+                    value: Value::from_scalar(&s)?,
+                    at: stamp_of(doc, &op),
                 })
             }
             _ => None,
@@ -231,24 +224,17 @@ impl RowState {
     }
 }
 
-pub(crate) fn state(doc: &impl ReadDoc, at: &At<'_>) -> RowState {
+pub(crate) fn state(doc: &Automerge, at: &At<'_>) -> RowState {
     let text = |prop| match at.scalar(doc, &ROOT, prop) {
         Some(automerge::ScalarValue::Str(s)) => Some(s.to_string()),
         _ => None,
     };
+    // Any value at `_deleted`, even concurrent ones, means deleted.
     let deleted = at
         .get_all(doc, &ROOT, DELETED)
         .into_iter()
-        .filter_map(|(_, obj)| timestamp_of(doc, at, &obj))
+        .map(|(_, op)| stamp_of(doc, &op))
         .max();
-    // A delete flag without a readable timestamp still deletes.
-    let deleted = deleted.or_else(|| {
-        (!at.get_all(doc, &ROOT, DELETED).is_empty()).then(|| Timestamp {
-            millis: 0,
-            counter: 0,
-            replica: String::new(),
-        })
-    });
     RowState {
         table: text(TABLE),
         key: text(KEY),
@@ -260,7 +246,7 @@ pub(crate) fn state(doc: &impl ReadDoc, at: &At<'_>) -> RowState {
 /// columns (every register when `columns` is `None`). A write only needs to
 /// order after what it supersedes: the versions of the columns it writes,
 /// and the delete it may revive.
-pub(crate) fn latest_timestamp(doc: &impl ReadDoc, columns: Option<&[&str]>) -> Option<Timestamp> {
+pub(crate) fn latest_timestamp(doc: &Automerge, columns: Option<&[&str]>) -> Option<Timestamp> {
     let at = At(None);
     let mut latest = state(doc, &at).deleted;
     let all;
@@ -289,7 +275,7 @@ pub(crate) fn columns(doc: &impl ReadDoc, at: &At<'_>) -> Vec<String> {
 
 /// One column's value and, for registers, its concurrent versions.
 pub(crate) fn cell(
-    doc: &impl ReadDoc,
+    doc: &Automerge,
     at: &At<'_>,
     schema: &TableSchema,
     column: &str,
@@ -300,12 +286,14 @@ pub(crate) fn cell(
 
 /// [`cell`], and the column's kind as stored.
 pub(crate) fn typed_cell(
-    doc: &impl ReadDoc,
+    doc: &Automerge,
     at: &At<'_>,
     schema: &TableSchema,
     column: &str,
 ) -> (Option<Value>, Vec<Version>, ColumnKind) {
-    let Some((value, obj)) = at.get_all(doc, &ROOT, column).into_iter().next_back() else {
+    let all = at.get_all(doc, &ROOT, column);
+    let concurrent = all.len();
+    let Some((value, obj)) = all.into_iter().next_back() else {
         return (None, Vec::new(), ColumnKind::Register);
     };
     match value {
@@ -314,15 +302,14 @@ pub(crate) fn typed_cell(
             Vec::new(),
             ColumnKind::Text,
         ),
-        AmValue::Scalar(s) => {
-            let kind = if matches!(s.as_ref(), automerge::ScalarValue::Counter(_)) {
-                ColumnKind::Counter
-            } else {
-                ColumnKind::Register
-            };
-            (Value::from_scalar(&s), Vec::new(), kind)
+        AmValue::Scalar(s) if matches!(s.as_ref(), automerge::ScalarValue::Counter(_)) => {
+            (Value::from_scalar(&s), Vec::new(), ColumnKind::Counter)
         }
-        AmValue::Object(ObjType::Map) => {
+        // One version: its value, with no need to look up its timestamp.
+        AmValue::Scalar(s) if concurrent == 1 => {
+            (Value::from_scalar(&s), Vec::new(), ColumnKind::Register)
+        }
+        AmValue::Scalar(_) => {
             let versions = versions(doc, at, column);
             let value = schema.strategy_for(column).resolve(column, &versions);
             (value, versions, ColumnKind::Register)
@@ -332,7 +319,7 @@ pub(crate) fn typed_cell(
 }
 
 /// The row as the application sees it, or `None` if it is not a live row.
-pub(crate) fn read(doc: &impl ReadDoc, at: &At<'_>, schema: &TableSchema) -> Option<Row> {
+pub(crate) fn read(doc: &Automerge, at: &At<'_>, schema: &TableSchema) -> Option<Row> {
     let st = state(doc, at);
     if !st.live() {
         return None;

@@ -7,8 +7,10 @@
 //! between replicas break by replica id, so every replica orders any two
 //! writes the same way.
 
-/// When a register write (or a delete) happened, totally ordered.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// When a register write (or a delete) happened, totally ordered. Its text
+/// form (`Display`, `FromStr`), `<millis>.<counter>@<replica>`, is the
+/// message of the change that made the write.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp {
     /// Wall-clock milliseconds since the Unix epoch (or later, if the clock
     /// had to move past a timestamp it saw).
@@ -22,6 +24,36 @@ pub struct Timestamp {
 impl std::fmt::Display for Timestamp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}@{}", self.millis, self.counter, self.replica)
+    }
+}
+
+/// A string that is not `<millis>.<counter>@<replica>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseTimestampError;
+
+impl std::fmt::Display for ParseTimestampError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("expected a timestamp as <millis>.<counter>@<replica>")
+    }
+}
+
+impl std::error::Error for ParseTimestampError {}
+
+impl std::str::FromStr for Timestamp {
+    type Err = ParseTimestampError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (clock, replica) = s.split_once('@').ok_or(ParseTimestampError)?;
+        let (millis, counter) = clock.split_once('.').ok_or(ParseTimestampError)?;
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(millis) || !digits(counter) || replica.is_empty() {
+            return Err(ParseTimestampError);
+        }
+        Ok(Timestamp {
+            millis: millis.parse().map_err(|_| ParseTimestampError)?,
+            counter: counter.parse().map_err(|_| ParseTimestampError)?,
+            replica: replica.to_owned(),
+        })
     }
 }
 
@@ -73,6 +105,19 @@ mod tests {
         assert_eq!((d.millis, d.counter), (5_000, 4));
         let e = c.tick(6_000, None, "a");
         assert_eq!((e.millis, e.counter), (6_000, 0));
+    }
+
+    #[test]
+    fn text_form_round_trips_and_rejects_other_messages() {
+        let t = Timestamp {
+            millis: 1_700_000_000_123,
+            counter: 7,
+            replica: "3vQB7B6MrGQZaxCuFg4oh".into(),
+        };
+        assert_eq!(t.to_string().parse::<Timestamp>(), Ok(t));
+        for bad in ["", "fix typo", "12@a", "1.x@a", "1.2@", ".2@a", "-1.2@a"] {
+            assert!(bad.parse::<Timestamp>().is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]
