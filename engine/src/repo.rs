@@ -375,6 +375,16 @@ impl<S: Storage> Repo<S> {
         Ok(())
     }
 
+    /// [`create_with_id`](Self::create_with_id) for an id the caller has
+    /// just found absent ([`contains`](Self::contains) said no).
+    pub(crate) fn create_absent(&mut self, id: DocumentId) -> Result<(), RepoError> {
+        if self.purge_marker(&id)?.is_some() {
+            return Err(RepoError::Purged(id));
+        }
+        self.insert_empty(id);
+        Ok(())
+    }
+
     /// An empty document in memory: nothing to store until it is edited, and
     /// pinned so eviction does not forget it before then.
     fn insert_empty(&mut self, id: DocumentId) {

@@ -126,6 +126,21 @@ pub struct Rows<S: Storage, R: BorrowMut<Repo<S>> = Repo<S>> {
     clock: HybridClock,
     now: Box<dyn FnMut() -> u64 + Send>,
     replica: String,
+    /// Catalog shards read into memory, so locating a key does not search
+    /// the catalog document each time.
+    catalogs: HashMap<DocumentId, ShardIndex>,
+}
+
+/// A catalog shard's entries as of `heads`. It is used only while the
+/// document is still at `heads`; the row layer's own listings keep it
+/// there. After another change (a catalog synced in), lookups search the
+/// document again until enough of them have been made to pay for reading
+/// the whole shard once more.
+#[derive(Default)]
+struct ShardIndex {
+    heads: Option<Vec<automerge::ChangeHash>>,
+    entries: HashMap<String, u64>,
+    lookups_since_stale: usize,
 }
 
 impl<S: Storage, R: BorrowMut<Repo<S>>> std::fmt::Debug for Rows<S, R> {
@@ -149,6 +164,7 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
             clock: HybridClock::default(),
             now: Box::new(now),
             replica,
+            catalogs: HashMap::new(),
         }
     }
 
@@ -303,14 +319,35 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
     fn locate(&mut self, schema: &TableSchema, key: &str) -> Result<(DocumentId, u64), RowError> {
         let shard = catalog::shard_of(&schema.name, key, schema.shards);
         let catalog_id = catalog::shard_id(&schema.name, shard);
-        let generation = if self.repo_mut().contains(&catalog_id)? {
-            self.repo_mut()
-                .view(&catalog_id, |d| catalog::generation(d, key))?
-                .unwrap_or(0)
-        } else {
-            0
-        };
+        let generation = self.listed(&catalog_id, key)?.unwrap_or(0);
         Ok((document::row_id(&schema.name, key, generation), generation))
+    }
+
+    /// The generation the catalog `catalog_id` lists `key` at.
+    fn listed(&mut self, catalog_id: &DocumentId, key: &str) -> Result<Option<u64>, RowError> {
+        if !self.repo_mut().contains(catalog_id)? {
+            self.catalogs.remove(catalog_id);
+            return Ok(None);
+        }
+        let heads = self.repo_mut().view(catalog_id, |d| d.get_heads())?;
+        let index = self.catalogs.entry(*catalog_id).or_default();
+        if index.heads.as_ref() == Some(&heads) {
+            return Ok(index.entries.get(key).copied());
+        }
+        // Reading the whole shard costs about as much as 32 single lookups
+        // per 1,000 entries (and a fresh `Rows` may make only one lookup).
+        index.lookups_since_stale += 1;
+        if index.lookups_since_stale * 32 < index.entries.len().max(64) {
+            return Ok(self
+                .repo_mut()
+                .view(catalog_id, |d| catalog::generation(d, key))?);
+        }
+        let entries = self.repo_mut().view(catalog_id, catalog::entries)?;
+        let index = self.catalogs.entry(*catalog_id).or_default();
+        index.entries = entries.into_iter().collect();
+        index.heads = Some(heads);
+        index.lookups_since_stale = 0;
+        Ok(index.entries.get(key).copied())
     }
 
     fn list_in_catalog(
@@ -324,12 +361,27 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
         if !self.repo_mut().contains(&id)? {
             self.repo_mut().create_with_id(id)?;
         }
+        let before = self.repo_mut().view(&id, |d| d.get_heads())?;
+        let fresh = self
+            .catalogs
+            .get(&id)
+            .is_some_and(|i| i.heads.as_ref() == Some(&before));
+        if fresh && self.catalogs[&id].entries.get(key) == Some(&generation) {
+            return Ok(());
+        }
+        // A fresh index knows the key is not listed at this generation.
         self.repo_mut().change(&id, |d| {
-            if catalog::generation(d, key) != Some(generation) {
+            if fresh || catalog::generation(d, key) != Some(generation) {
                 catalog::put(d, &schema.name, shard, schema.shards, key, generation)?;
             }
             Ok(())
         })?;
+        if fresh {
+            let after = self.repo_mut().view(&id, |d| d.get_heads())?;
+            let index = self.catalogs.get_mut(&id).expect("fresh");
+            index.entries.insert(key.to_owned(), generation);
+            index.heads = Some(after);
+        }
         Ok(())
     }
 
@@ -569,7 +621,7 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
             (Mode::Insert | Mode::Upsert, false) => true,
         };
         if !exists {
-            match self.rows.repo_mut().create_with_id(id) {
+            match self.rows.repo_mut().create_absent(id) {
                 Ok(()) => {}
                 Err(RepoError::Purged(_)) => {
                     return Err(RowError::Purged {

@@ -96,8 +96,17 @@ pub(crate) fn entries(doc: &impl ReadDoc) -> Vec<(String, u64)> {
     let Some(rows) = rows_map(doc) else {
         return Vec::new();
     };
-    doc.keys(&rows)
-        .filter_map(|k| generation(doc, &k).map(|g| (k, g)))
+    // One pass over the map; only a key with concurrent entries needs its
+    // other values (the highest generation counts).
+    doc.map_range(&rows, ..)
+        .filter_map(|item| {
+            let generation = if item.conflict {
+                generation(doc, &item.key)?
+            } else {
+                as_generation(&item.value.into_value())?
+            };
+            Some((item.key.into_owned(), generation))
+        })
         .collect()
 }
 
