@@ -25,6 +25,9 @@ pub(crate) struct Loaded {
     /// Kept in memory even when idle (an outstanding request for it).
     pub(crate) pinned: bool,
     last_used: u64,
+    /// The heads storage holds everything up to: the next incremental
+    /// chunk is what came after them.
+    saved: Vec<automerge::ChangeHash>,
 }
 
 /// What a flush wrote for one document, applied to memory once durable.
@@ -165,6 +168,7 @@ impl<S: Storage> Documents<S> {
                 dirty: false,
                 pinned: true,
                 last_used: self.clock,
+                saved: Vec::new(),
             },
         );
     }
@@ -229,9 +233,11 @@ impl<S: Storage> Documents<S> {
                     .map_err(|e| corrupt(e.to_string()))?;
                 incremental_bytes += bytes.len();
             }
-            // Mark everything loaded as saved.
-            let _ = doc.save_incremental();
+            // Everything loaded is saved (heads, not a re-encoding of the
+            // document: that cost a tenth of an update of an evicted row).
+            let saved = doc.get_heads();
             Ok(Loaded {
+                saved,
                 doc,
                 snapshot: snapshot.as_ref().map(|(k, v)| (k.clone(), v.len())),
                 incrementals: incrementals.iter().map(|(k, _)| k.clone()).collect(),
@@ -261,11 +267,12 @@ impl<S: Storage> Documents<S> {
         let min = self.config.compaction_min_bytes;
         let ratio = self.config.compaction_ratio.max(1);
         for (id, loaded) in self.loaded.iter_mut().filter(|(_, l)| l.dirty) {
-            let chunk = loaded.doc.save_incremental();
+            let chunk = loaded.doc.save_after(&loaded.saved);
             if chunk.is_empty() {
                 loaded.dirty = false;
                 continue;
             }
+            loaded.saved = loaded.doc.get_heads();
             let snapshot_bytes = loaded.snapshot.as_ref().map_or(0, |(_, n)| *n);
             let grown = loaded.incremental_bytes + chunk.len();
             if grown > min.max(snapshot_bytes.saturating_mul(ratio)) {
