@@ -154,6 +154,36 @@ impl<S: Storage> Documents<S> {
         Ok(!self.storage.scan(&doc_prefix(id), None, 1)?.is_empty())
     }
 
+    /// Whether the document has changes in memory not yet written.
+    pub(crate) fn is_dirty(&self, id: &DocumentId) -> bool {
+        self.loaded.get(id).is_some_and(|l| l.dirty)
+    }
+
+    /// What storage holds of the document, as one input for automerge's
+    /// `load`: the snapshot (the larger, if a lost delete left two), then
+    /// the incremental chunks. `None` if nothing is stored.
+    pub(crate) fn stored_bytes(&self, id: &DocumentId) -> Result<Option<Vec<u8>>, StorageError> {
+        let mut snapshot: Option<Vec<u8>> = None;
+        let mut incrementals = Vec::new();
+        for (key, value) in self.storage.scan(&doc_prefix(id), None, usize::MAX)? {
+            match key.parts().get(1).map(String::as_str) {
+                Some("snapshot") if snapshot.as_ref().is_none_or(|s| s.len() < value.len()) => {
+                    snapshot = Some(value);
+                }
+                Some("incremental") => incrementals.push(value),
+                _ => {}
+            }
+        }
+        if snapshot.is_none() && incrementals.is_empty() {
+            return Ok(None);
+        }
+        let mut out = snapshot.unwrap_or_default();
+        for chunk in incrementals {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Some(out))
+    }
+
     /// Add a new, empty document that is not in storage yet. It is pinned
     /// (kept in memory) until its first change makes it dirty.
     pub(crate) fn insert_new(&mut self, id: DocumentId, doc: AutoCommit) {

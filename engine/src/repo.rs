@@ -573,17 +573,7 @@ impl<S: Storage> Repo<S> {
         changes: &[Vec<u8>],
         from: &PeerId,
     ) -> Result<bool, RepoError> {
-        if !self.docs.exists(id)? {
-            if self.purge_marker(id)?.is_some() {
-                self.outputs
-                    .push_back(Output::Event(Event::PurgedDocumentUpdate {
-                        document: *id,
-                        peer_id: from.clone(),
-                    }));
-                return Err(RepoError::Purged(*id));
-            }
-            self.insert_empty(*id);
-        }
+        self.open_for_remote(id, from)?;
         let mut decoded = Vec::with_capacity(changes.len());
         for bytes in changes {
             let change = automerge::Change::from_bytes(bytes.clone())
@@ -597,6 +587,54 @@ impl<S: Storage> Repo<S> {
             |d| d.apply_changes(decoded),
         )
         .map(|((), changed)| changed)
+    }
+
+    /// The document as durably stored, in the form automerge's `load` (and
+    /// [`apply_document`](Self::apply_document)) reads: `None` if nothing is
+    /// stored, or if memory holds changes not flushed yet (use
+    /// [`changes_since`](Self::changes_since) then).
+    pub fn stored_bytes(&self, id: &DocumentId) -> Result<Option<Vec<u8>>, RepoError> {
+        if self.docs.is_dirty(id) {
+            return Ok(None);
+        }
+        Ok(self.docs.stored_bytes(id)?)
+    }
+
+    /// Merge a whole saved document received from `from` (the bulk Write of
+    /// a replication link, for a store that lacks the document): the same
+    /// rules as [`apply_changes`](Self::apply_changes), without decoding
+    /// and applying the changes one by one.
+    pub fn apply_document(
+        &mut self,
+        id: &DocumentId,
+        bytes: &[u8],
+        from: &PeerId,
+    ) -> Result<bool, RepoError> {
+        self.open_for_remote(id, from)?;
+        self.edit(
+            id,
+            Origin::Remote(from.clone()),
+            CommitOptions::default(),
+            |d| d.load_incremental(bytes).map(|_| ()),
+        )
+        .map(|((), changed)| changed)
+    }
+
+    /// Make sure `id` exists before `from`'s changes are applied to it:
+    /// created if new, refused (and reported) if it was purged.
+    fn open_for_remote(&mut self, id: &DocumentId, from: &PeerId) -> Result<(), RepoError> {
+        if !self.docs.exists(id)? {
+            if self.purge_marker(id)?.is_some() {
+                self.outputs
+                    .push_back(Output::Event(Event::PurgedDocumentUpdate {
+                        document: *id,
+                        peer_id: from.clone(),
+                    }));
+                return Err(RepoError::Purged(*id));
+            }
+            self.insert_empty(*id);
+        }
+        Ok(())
     }
 
     /// The heads of `id` that the store `storage_id` is known to have, from

@@ -437,6 +437,61 @@ fn a_link_records_its_sync_point_and_a_quiet_run_sends_nothing() {
 }
 
 #[test]
+fn a_store_that_lacks_a_document_gets_it_whole_then_only_changes() {
+    let schema = TableSchema::new("tasks").counter("votes").text("notes");
+    let (mut a, _) = replica("a", &schema);
+    let (mut b, _) = replica("b", &schema);
+    for i in 0..10 {
+        a.table("tasks")
+            .insert(&format!("k{i}"), [("n", Value::Int(i))])
+            .unwrap();
+    }
+    a.table("tasks").increment("k1", "votes", 3).unwrap();
+    a.table("tasks")
+        .splice_text("k2", "notes", 0, 0, "hi")
+        .unwrap();
+    a.table("tasks").delete("k9").unwrap();
+    let l = SyncLink::new("a-b");
+    let first = l.run(&mut a, &mut b).unwrap();
+    // Every row and catalog document b lacked arrived whole, nothing as
+    // single changes, and nothing came back.
+    assert!(first.copied.0 >= 10, "{first:?}");
+    assert_eq!(first.changes, (0, 0), "{first:?}");
+    assert_eq!((first.copied.1, first.bytes.1), (0, 0), "{first:?}");
+    for key in ["k1", "k2", "k9"] {
+        let id = a.table("tasks").document_id(key).unwrap();
+        assert_eq!(
+            a.repo_mut().heads(&id).unwrap(),
+            b.repo_mut().heads(&id).unwrap()
+        );
+    }
+    let rows = b.table("tasks").scan().unwrap();
+    assert_eq!(rows.len(), 9, "the deleted row stays deleted");
+    let k1 = b.table("tasks").get("k1").unwrap().unwrap();
+    assert_eq!(k1.get("votes"), Some(&Value::Int(3)));
+    let k2 = b.table("tasks").get("k2").unwrap().unwrap();
+    assert_eq!(k2.get("notes"), Some(&s("hi")));
+    // The copies are recorded as remote commits in b's row feed.
+    let (events, _) = b.changes(Cursor::START, 100).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.key == "k1" && matches!(&e.origin, Origin::Remote(p) if p.as_str() == "a")),
+        "{events:?}"
+    );
+    // Once both hold the document, a run sends changes only.
+    b.table("tasks")
+        .update("k4", [("n", Value::Int(40))])
+        .unwrap();
+    let next = l.run(&mut a, &mut b).unwrap();
+    assert_eq!((next.copied, next.changes), ((0, 0), (0, 1)), "{next:?}");
+    assert_eq!(
+        a.table("tasks").get("k4").unwrap().unwrap().get("n"),
+        Some(&Value::Int(40))
+    );
+}
+
+#[test]
 fn three_stores_in_a_ring_converge() {
     let schema = TableSchema::new("tasks").counter("votes");
     let mut stores: Vec<Store> = ["a", "b", "c"]

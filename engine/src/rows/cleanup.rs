@@ -60,26 +60,17 @@ fn decode_heads(bytes: &[u8]) -> Vec<ChangeHash> {
         .collect()
 }
 
-/// After a link run: `peer` holds the same heads as `rows` for `docs`.
-/// Recorded only for deleted rows, the only ones cleanup asks about.
+/// After a link run: `peer` holds the same heads as `rows` for these
+/// deleted rows (the only ones cleanup asks about).
 pub(crate) fn record_acks<S: Storage, R: BorrowMut<Repo<S>>>(
     rows: &mut Rows<S, R>,
     peer: &StorageId,
-    docs: &[DocumentId],
+    deleted: &[(DocumentId, Vec<ChangeHash>)],
 ) -> Result<(), RowError> {
     let mut batch = WriteBatch::new();
-    for id in docs {
-        if !rows.repo_mut().contains(id)? {
-            continue;
-        }
-        let (deleted, heads) = rows.repo_mut().view(id, |d| {
-            let st = document::state(d, &At(None));
-            (st.key.is_some() && st.deleted.is_some(), d.get_heads())
-        })?;
-        if deleted {
-            batch.put(ack_key(id, peer)?, encode_heads(&heads));
-            batch.put(tomb_key(id), Vec::new());
-        }
+    for (id, heads) in deleted {
+        batch.put(ack_key(id, peer)?, encode_heads(heads));
+        batch.put(tomb_key(id), Vec::new());
     }
     if !batch.is_empty() {
         rows.repo_mut().storage().commit(&batch)?;

@@ -54,8 +54,13 @@ pub struct LinkRun {
     pub documents: usize,
     /// Changes sent a→b and b→a.
     pub changes: (usize, usize),
-    /// Bytes of changes sent a→b and b→a.
+    /// Bytes sent a→b and b→a (changes, and whole documents copied).
     pub bytes: (usize, usize),
+    /// Documents copied whole a→b and b→a: the receiving store had none of
+    /// the document, so it got the stored document (compressed, and loaded
+    /// in one step) instead of its changes one by one. Their changes are
+    /// not counted in `changes`.
+    pub copied: (usize, usize),
     /// Documents one side refused because it purged them (reported, not
     /// resurrected).
     pub refused_purged: Vec<DocumentId>,
@@ -184,30 +189,36 @@ impl SyncLink {
         let mut docs = self.acquire(a)?;
         docs.extend(self.acquire(b)?);
         let mut run = LinkRun::default();
-        let mut synced = Vec::new();
+        let mut deleted = Vec::new();
         for id in docs {
             if !(self.carries(a, &id)? || self.carries(b, &id)?) {
                 continue;
             }
             run.documents += 1;
             let mut refused = false;
-            let (n, bytes) = transfer(a, b, &id, &a_peer, &mut refused)?;
-            run.changes.0 += n;
-            run.bytes.0 += bytes;
-            let (n, bytes) = transfer(b, a, &id, &b_peer, &mut refused)?;
-            run.changes.1 += n;
-            run.bytes.1 += bytes;
+            let sent = transfer(a, b, &id, &a_peer, &mut refused)?;
+            sent.count(&mut run.changes.0, &mut run.bytes.0, &mut run.copied.0);
+            let sent = transfer(b, a, &id, &b_peer, &mut refused)?;
+            sent.count(&mut run.changes.1, &mut run.bytes.1, &mut run.copied.1);
             if refused {
                 run.refused_purged.push(id);
-            } else {
-                synced.push(id);
+            } else if a.repo_mut().contains(&id)? {
+                // Both sides now hold the same heads; note deleted rows
+                // while the document is still in memory.
+                let (is_deleted, heads) = a.repo_mut().view(&id, |d| {
+                    let st = document::state(d, &At(None));
+                    (st.key.is_some() && st.deleted.is_some(), d.get_heads())
+                })?;
+                if is_deleted {
+                    deleted.push((id, heads));
+                }
             }
         }
         a.flush()?;
         b.flush()?;
-        // Both sides now hold the same heads for every synced document.
-        cleanup::record_acks(a, &b_sid, &synced)?;
-        cleanup::record_acks(b, &a_sid, &synced)?;
+        // Each side acknowledges, for the other, the deletes both now hold.
+        cleanup::record_acks(a, &b_sid, &deleted)?;
+        cleanup::record_acks(b, &a_sid, &deleted)?;
         a.add_member(&b_sid)?;
         b.add_member(&a_sid)?;
         self.record(a, &b_sid)?;
@@ -216,32 +227,75 @@ impl SyncLink {
     }
 }
 
-/// Send `from`'s changes to `id` that `to` lacks. Returns (changes, bytes).
+/// What one [`transfer`] sent.
+enum Sent {
+    Nothing,
+    Changes { count: usize, bytes: usize },
+    Document { bytes: usize },
+}
+
+impl Sent {
+    fn count(&self, changes: &mut usize, bytes: &mut usize, copied: &mut usize) {
+        match *self {
+            Sent::Nothing => {}
+            Sent::Changes { count, bytes: b } => {
+                *changes += count;
+                *bytes += b;
+            }
+            Sent::Document { bytes: b } => {
+                *copied += 1;
+                *bytes += b;
+            }
+        }
+    }
+}
+
+/// Send `from`'s changes to `id` that `to` lacks: the stored document when
+/// `to` has none of it, otherwise the missing changes.
 fn transfer<F: Storage, T: Storage, RF: BorrowMut<Repo<F>>, RT: BorrowMut<Repo<T>>>(
     from: &mut Rows<F, RF>,
     to: &mut Rows<T, RT>,
     id: &DocumentId,
     from_peer: &PeerId,
     refused: &mut bool,
-) -> Result<(usize, usize), RowError> {
+) -> Result<Sent, RowError> {
     if !from.repo_mut().contains(id)? {
-        return Ok((0, 0));
+        return Ok(Sent::Nothing);
     }
-    let have = if to.repo_mut().contains(id)? {
-        frontier(from, to, id)?
+    let result = if to.repo_mut().contains(id)? {
+        None
     } else {
-        Vec::new()
+        from.repo_mut().stored_bytes(id)?
     };
-    let changes = from.repo_mut().changes_since(id, &have)?;
-    if changes.is_empty() {
-        return Ok((0, 0));
-    }
-    let bytes = changes.iter().map(Vec::len).sum();
-    match to.repo_mut().apply_changes(id, &changes, from_peer) {
-        Ok(_) => Ok((changes.len(), bytes)),
+    let (result, sent) = match result {
+        Some(document) => (
+            to.repo_mut().apply_document(id, &document, from_peer),
+            Sent::Document {
+                bytes: document.len(),
+            },
+        ),
+        None => {
+            let have = if to.repo_mut().contains(id)? {
+                frontier(from, to, id)?
+            } else {
+                Vec::new()
+            };
+            let changes = from.repo_mut().changes_since(id, &have)?;
+            if changes.is_empty() {
+                return Ok(Sent::Nothing);
+            }
+            let sent = Sent::Changes {
+                count: changes.len(),
+                bytes: changes.iter().map(Vec::len).sum(),
+            };
+            (to.repo_mut().apply_changes(id, &changes, from_peer), sent)
+        }
+    };
+    match result {
+        Ok(_) => Ok(sent),
         Err(RepoError::Purged(_)) => {
             *refused = true;
-            Ok((0, 0))
+            Ok(Sent::Nothing)
         }
         Err(e) => Err(e.into()),
     }
