@@ -500,8 +500,9 @@ fn catchup(dir: &Path, n: usize) {
         let run = SyncLink::new("catchup").run(&mut full, &mut fresh).unwrap();
         let time = started.elapsed();
         println!(
-            "  (link: {} documents, {} changes sent)",
+            "  (link: {} documents, {} copied whole, {} changes sent)",
             run.documents,
+            run.copied.0 + run.copied.1,
             run.changes.0 + run.changes.1
         );
         let ok = complete(&mut fresh);

@@ -28,6 +28,10 @@ pub(crate) struct Loaded {
     /// The heads storage holds everything up to: the next incremental
     /// chunk is what came after them.
     saved: Vec<automerge::ChangeHash>,
+    /// A whole document received as bytes (a copy from another store),
+    /// stored as it is at the next flush instead of being encoded again;
+    /// `saved` already counts it.
+    received: Option<Vec<u8>>,
 }
 
 /// What a flush wrote for one document, applied to memory once durable.
@@ -159,6 +163,15 @@ impl<S: Storage> Documents<S> {
         self.loaded.get(id).is_some_and(|l| l.dirty)
     }
 
+    /// The document, new and empty until `bytes` were loaded into it, is
+    /// stored as those bytes at the next flush.
+    pub(crate) fn received_whole(&mut self, id: &DocumentId, bytes: Vec<u8>) {
+        if let Some(loaded) = self.loaded.get_mut(id) {
+            loaded.saved = loaded.doc.get_heads();
+            loaded.received = Some(bytes);
+        }
+    }
+
     /// What storage holds of the document, as one input for automerge's
     /// `load`: the snapshot (the larger, if a lost delete left two), then
     /// the incremental chunks. `None` if nothing is stored.
@@ -199,6 +212,7 @@ impl<S: Storage> Documents<S> {
                 pinned: true,
                 last_used: self.clock,
                 saved: Vec::new(),
+                received: None,
             },
         );
     }
@@ -268,6 +282,7 @@ impl<S: Storage> Documents<S> {
             let saved = doc.get_heads();
             Ok(Loaded {
                 saved,
+                received: None,
                 doc,
                 snapshot: snapshot.as_ref().map(|(k, v)| (k.clone(), v.len())),
                 incrementals: incrementals.iter().map(|(k, _)| k.clone()).collect(),
@@ -297,7 +312,8 @@ impl<S: Storage> Documents<S> {
         let min = self.config.compaction_min_bytes;
         let ratio = self.config.compaction_ratio.max(1);
         for (id, loaded) in self.loaded.iter_mut().filter(|(_, l)| l.dirty) {
-            let chunk = loaded.doc.save_after(&loaded.saved);
+            let mut chunk = loaded.received.take().unwrap_or_default();
+            chunk.extend(loaded.doc.save_after(&loaded.saved));
             if chunk.is_empty() {
                 loaded.dirty = false;
                 continue;

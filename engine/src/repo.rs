@@ -610,14 +610,21 @@ impl<S: Storage> Repo<S> {
         bytes: &[u8],
         from: &PeerId,
     ) -> Result<bool, RepoError> {
+        let new = !self.docs.exists(id)?;
         self.open_for_remote(id, from)?;
-        self.edit(
-            id,
-            Origin::Remote(from.clone()),
-            CommitOptions::default(),
-            |d| d.load_incremental(bytes).map(|_| ()),
-        )
-        .map(|((), changed)| changed)
+        let changed = self
+            .edit(
+                id,
+                Origin::Remote(from.clone()),
+                CommitOptions::default(),
+                |d| d.load_incremental(bytes).map(|_| ()),
+            )
+            .map(|((), changed)| changed)?;
+        if new && changed {
+            // Already encoded: store these bytes rather than encode again.
+            self.docs.received_whole(id, bytes.to_vec());
+        }
+        Ok(changed)
     }
 
     /// Make sure `id` exists before `from`'s changes are applied to it:

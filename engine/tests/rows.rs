@@ -492,6 +492,41 @@ fn a_store_that_lacks_a_document_gets_it_whole_then_only_changes() {
 }
 
 #[test]
+fn a_document_copied_whole_is_stored_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str| {
+        let storage = tandem_engine::RedbStorage::open(dir.path().join(name)).unwrap();
+        let repo = Repo::open(storage, RepoConfig::new(PeerId::new(name)), ShareAll).unwrap();
+        let mut rows = Rows::new(repo, || 5_000);
+        rows.define(TableSchema::new("tasks").text("notes"));
+        rows
+    };
+    let mut a = open("a.redb");
+    let mut b = open("b.redb");
+    for i in 0..5 {
+        a.table("tasks")
+            .insert(&format!("k{i}"), [("n", Value::Int(i)), ("notes", s("x"))])
+            .unwrap();
+    }
+    let run = SyncLink::new("a-b").run(&mut a, &mut b).unwrap();
+    assert!(run.copied.0 >= 5, "{run:?}");
+    drop(b);
+    let mut b = open("b.redb");
+    let rows = b.table("tasks").scan().unwrap();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[3].get("n"), Some(&Value::Int(3)));
+    assert_eq!(rows[3].get("notes"), Some(&s("x")));
+    // And it goes on from there: a new edit on the reopened copy syncs back.
+    b.table("tasks").update("k3", [("notes", s("xy"))]).unwrap();
+    let back = SyncLink::new("a-b").run(&mut a, &mut b).unwrap();
+    assert_eq!(back.changes, (0, 1), "{back:?}");
+    assert_eq!(
+        a.table("tasks").get("k3").unwrap().unwrap().get("notes"),
+        Some(&s("xy"))
+    );
+}
+
+#[test]
 fn three_stores_in_a_ring_converge() {
     let schema = TableSchema::new("tasks").counter("votes");
     let mut stores: Vec<Store> = ["a", "b", "c"]

@@ -196,22 +196,34 @@ impl SyncLink {
             }
             run.documents += 1;
             let mut refused = false;
-            let sent = transfer(a, b, &id, &a_peer, &mut refused)?;
-            sent.count(&mut run.changes.0, &mut run.bytes.0, &mut run.copied.0);
-            let sent = transfer(b, a, &id, &b_peer, &mut refused)?;
-            sent.count(&mut run.changes.1, &mut run.bytes.1, &mut run.copied.1);
+            let to_b = transfer(a, b, &id, &a_peer, &mut refused)?;
+            to_b.count(&mut run.changes.0, &mut run.bytes.0, &mut run.copied.0);
+            // A document b had none of is now a copy of a's: nothing to
+            // send back.
+            let copied_to_b = matches!(to_b, Sent::Document { .. });
+            if !copied_to_b {
+                let to_a = transfer(b, a, &id, &b_peer, &mut refused)?;
+                to_a.count(&mut run.changes.1, &mut run.bytes.1, &mut run.copied.1);
+            }
             if refused {
                 run.refused_purged.push(id);
+                continue;
+            }
+            // Both sides now hold the same heads; note deleted rows, reading
+            // the side that has the document in memory.
+            let is_deleted = |d: &automerge::Automerge| {
+                let st = document::state(d, &At(None));
+                (st.key.is_some() && st.deleted.is_some(), d.get_heads())
+            };
+            let (is_deleted, heads) = if copied_to_b {
+                b.repo_mut().view(&id, is_deleted)?
             } else if a.repo_mut().contains(&id)? {
-                // Both sides now hold the same heads; note deleted rows
-                // while the document is still in memory.
-                let (is_deleted, heads) = a.repo_mut().view(&id, |d| {
-                    let st = document::state(d, &At(None));
-                    (st.key.is_some() && st.deleted.is_some(), d.get_heads())
-                })?;
-                if is_deleted {
-                    deleted.push((id, heads));
-                }
+                a.repo_mut().view(&id, is_deleted)?
+            } else {
+                continue;
+            };
+            if is_deleted {
+                deleted.push((id, heads));
             }
         }
         a.flush()?;
