@@ -610,8 +610,7 @@ impl<S: Storage> Repo<S> {
         bytes: &[u8],
         from: &PeerId,
     ) -> Result<bool, RepoError> {
-        let new = !self.docs.exists(id)?;
-        self.open_for_remote(id, from)?;
+        let new = self.open_for_remote(id, from)?;
         let changed = self
             .edit(
                 id,
@@ -629,8 +628,10 @@ impl<S: Storage> Repo<S> {
 
     /// Make sure `id` exists before `from`'s changes are applied to it:
     /// created if new, refused (and reported) if it was purged.
-    fn open_for_remote(&mut self, id: &DocumentId, from: &PeerId) -> Result<(), RepoError> {
-        if !self.docs.exists(id)? {
+    /// Returns whether it was created.
+    fn open_for_remote(&mut self, id: &DocumentId, from: &PeerId) -> Result<bool, RepoError> {
+        let new = !self.docs.exists(id)?;
+        if new {
             if self.purge_marker(id)?.is_some() {
                 self.outputs
                     .push_back(Output::Event(Event::PurgedDocumentUpdate {
@@ -641,7 +642,7 @@ impl<S: Storage> Repo<S> {
             }
             self.insert_empty(*id);
         }
-        Ok(())
+        Ok(new)
     }
 
     /// The heads of `id` that the store `storage_id` is known to have, from

@@ -271,15 +271,16 @@ fn transfer<F: Storage, T: Storage, RF: BorrowMut<Repo<F>>, RT: BorrowMut<Repo<T
     from_peer: &PeerId,
     refused: &mut bool,
 ) -> Result<Sent, RowError> {
-    if !from.repo_mut().contains(id)? {
-        return Ok(Sent::Nothing);
-    }
-    let result = if to.repo_mut().contains(id)? {
+    let to_has = to.repo_mut().contains(id)?;
+    let document = if to_has {
         None
     } else {
         from.repo_mut().stored_bytes(id)?
     };
-    let (result, sent) = match result {
+    if document.is_none() && !from.repo_mut().contains(id)? {
+        return Ok(Sent::Nothing);
+    }
+    let (result, sent) = match document {
         Some(document) => (
             to.repo_mut().apply_document(id, &document, from_peer),
             Sent::Document {
@@ -287,7 +288,7 @@ fn transfer<F: Storage, T: Storage, RF: BorrowMut<Repo<F>>, RT: BorrowMut<Repo<T
             },
         ),
         None => {
-            let have = if to.repo_mut().contains(id)? {
+            let have = if to_has {
                 frontier(from, to, id)?
             } else {
                 Vec::new()
