@@ -445,8 +445,14 @@ impl<S: Storage> Documents<S> {
             .filter(|(_, l)| !l.dirty && !l.pinned)
             .map(|(id, l)| (l.last_used, *id))
             .collect();
-        idle.sort_unstable();
-        let excess = self.loaded.len() - budget;
+        let excess = (self.loaded.len() - budget).min(idle.len());
+        if excess == 0 {
+            return 0;
+        }
+        // Only the `excess` least recently used matter: select, not sort.
+        if excess < idle.len() {
+            idle.select_nth_unstable(excess - 1);
+        }
         let mut evicted = 0;
         for (_, id) in idle.into_iter().take(excess) {
             self.loaded.remove(&id);

@@ -451,10 +451,9 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
     /// Flag the row deleted.
     pub fn delete(&mut self, key: &str) -> Result<(), RowError> {
         let id = self.live(key)?;
-        let seen = self
-            .rows
-            .repo_mut()
-            .view(&id, |d| document::latest_timestamp(d, None))?;
+        let seen = self.rows.repo_mut().view(&id, |d| {
+            document::latest_timestamp(d, &document::state(d, &At(None)), None)
+        })?;
         let ts = self.rows.tick(seen.as_ref());
         self.rows
             .repo_mut()
@@ -601,9 +600,10 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
         let written: Vec<&str> = columns.iter().map(|(c, _)| c.as_str()).collect();
         let (live, seen) = if exists {
             self.rows.repo_mut().view(&id, |d| {
+                let st = document::state(d, &At(None));
                 (
-                    document::state(d, &At(None)).live(),
-                    document::latest_timestamp(d, Some(&written)),
+                    st.live(),
+                    document::latest_timestamp(d, &st, Some(&written)),
                 )
             })?
         } else {

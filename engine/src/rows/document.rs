@@ -242,13 +242,17 @@ pub(crate) fn state(doc: &Automerge, at: &At<'_>) -> RowState {
     }
 }
 
-/// The latest timestamp among the delete flag and the given register
+/// The latest timestamp among the delete flag (from `state`) and the given register
 /// columns (every register when `columns` is `None`). A write only needs to
 /// order after what it supersedes: the versions of the columns it writes,
 /// and the delete it may revive.
-pub(crate) fn latest_timestamp(doc: &Automerge, columns: Option<&[&str]>) -> Option<Timestamp> {
+pub(crate) fn latest_timestamp(
+    doc: &Automerge,
+    state: &RowState,
+    columns: Option<&[&str]>,
+) -> Option<Timestamp> {
     let at = At(None);
-    let mut latest = state(doc, &at).deleted;
+    let mut latest = state.deleted.clone();
     let all;
     let columns: Vec<&str> = match columns {
         Some(c) => c.to_vec(),
