@@ -552,8 +552,10 @@ fn catchup(dir: &Path, n: usize) {
 /// `TANDEM_ROWS_ONLY=layout`): what a row layout costs automerge itself,
 /// each row a bare document created and saved, then one column rewritten
 /// and saved incrementally. "registers as maps" is the layout of the first
-/// row layer (`rows/document.rs`: `_table`, `_key`, and per column a map of
-/// value, at, n, by); the others are candidates with fewer operations.
+/// row layer (`_table`, `_key`, and per column a map of value, at, n, by);
+/// the others were candidates with fewer operations. The row layer now
+/// writes plain columns plus `_table` and `_key`, with each write's
+/// timestamp in its change's message (`rows/document.rs`).
 fn layout(n: usize) {
     use automerge::{ObjType, ROOT, ScalarValue};
     type Write = fn(&mut AutoCommit, &str, ScalarValue, u64);
