@@ -33,10 +33,10 @@ use std::time::Duration;
 const BUILD_LIMIT: Duration = Duration::from_secs(40 * 60);
 /// The browser test run (compiles the tests, then runs them in Chromium).
 const TEST_LIMIT: Duration = Duration::from_secs(20 * 60);
-/// The gzipped `.wasm` must stay within this. The target is 500 KiB;
-/// with the row layer the package is about 543 KiB (automerge is over half of
-/// the code), so this guards against growth rather than meeting the target.
-const GZIP_BUDGET: u64 = 560 * 1024;
+/// The gzipped `.wasm` (gzip -9) must stay within this: the target of
+/// 500,000 bytes. The package is about 473,300 bytes (automerge is over half
+/// of the code); wasm/build.sh says how it gets there.
+const GZIP_BUDGET: u64 = 500_000;
 
 fn pkg() -> PathBuf {
     root().join("wasm/pkg")
