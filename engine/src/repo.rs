@@ -46,6 +46,12 @@ pub struct RepoConfig {
     pub documents: DocumentsConfig,
     /// Most sync messages generated for one peer and document per flush.
     pub max_messages_per_flush: usize,
+    /// Write changed sync states at most once per this many milliseconds
+    /// (by the `now` of [`Repo::receive`]) instead of with every flush;
+    /// they are always written when their connection closes. A sync state
+    /// only saves work on reconnect: one lost in a crash means a longer
+    /// resync, never lost data. 0 (the default) writes them with every flush.
+    pub sync_state_interval: Millis,
 }
 
 impl RepoConfig {
@@ -56,6 +62,7 @@ impl RepoConfig {
             ephemeral: false,
             documents: DocumentsConfig::default(),
             max_messages_per_flush: 4,
+            sync_state_interval: 0,
         }
     }
 }
@@ -188,8 +195,10 @@ pub struct Repo<S: Storage> {
     next_seq: u64,
     /// (connection, document) pairs that may have a sync message to send.
     to_sync: BTreeSet<(ConnectionId, DocumentId)>,
-    /// Sync states whose persistent part changed since the last flush.
+    /// Sync states whose persistent part changed since they were last written.
     sync_state_dirty: BTreeSet<(ConnectionId, DocumentId)>,
+    /// When sync states were last written (`now`).
+    sync_state_written: Millis,
     /// Documents touched this session: offered to peers whose policy announces.
     active: BTreeSet<DocumentId>,
     /// Documents requested from peers that we do not have yet.
@@ -249,6 +258,7 @@ impl<S: Storage> Repo<S> {
             next_seq,
             to_sync: BTreeSet::new(),
             sync_state_dirty: BTreeSet::new(),
+            sync_state_written: 0,
             active: BTreeSet::new(),
             wanted: BTreeSet::new(),
             ephemeral_seen: HashMap::new(),
@@ -757,7 +767,17 @@ impl<S: Storage> Repo<S> {
             batch.put(feed_key(last.seq), block);
         }
         let mut persisted_sync = Vec::new();
-        for (cid, doc) in std::mem::take(&mut self.sync_state_dirty) {
+        let sync_states_due =
+            self.now.saturating_sub(self.sync_state_written) >= self.config.sync_state_interval;
+        if sync_states_due && !self.sync_state_dirty.is_empty() {
+            self.sync_state_written = self.now;
+        }
+        let dirty = if sync_states_due {
+            std::mem::take(&mut self.sync_state_dirty)
+        } else {
+            BTreeSet::new()
+        };
+        for (cid, doc) in dirty {
             if let Some(conn) = self.conns.get(&cid)
                 && put_sync_state(conn, &doc, &mut batch)
             {

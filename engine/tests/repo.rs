@@ -486,6 +486,85 @@ fn sync_states_persist_per_storage_id_so_reconnects_send_little() {
     );
 }
 
+/// Flush `client` and `hub` and carry frames both ways (the client on
+/// connection 1, the hub on `hc`) until both are quiet.
+fn exchange(
+    client: &mut Repo<impl Storage>,
+    hub: &mut Repo<impl Storage>,
+    hc: ConnectionId,
+    now: u64,
+) {
+    for _ in 0..50 {
+        let mut moved = false;
+        client.flush().unwrap();
+        for o in client.drain_outputs() {
+            if let Output::Send { frame, .. } = o {
+                hub.receive(now, hc, &frame).unwrap();
+                moved = true;
+            }
+        }
+        hub.flush().unwrap();
+        for o in hub.drain_outputs() {
+            if let Output::Send { frame, .. } = o {
+                client.receive(now, ConnectionId(1), &frame).unwrap();
+                moved = true;
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+    panic!("no quiescence");
+}
+
+#[test]
+fn sync_states_are_written_at_most_once_per_interval_and_on_close() {
+    let storage = Arc::new(Faulty::default());
+    let hub_config = RepoConfig {
+        sync_state_interval: 1_000,
+        ..config("server")
+    };
+    let mut hub = Repo::open(storage.clone(), hub_config, ServeOnRequest).unwrap();
+    let mut a = client("a");
+    let doc = a.create().unwrap();
+    put(&mut a, &doc, "x", 0);
+    let hc = ConnectionId(7);
+    a.connect(ConnectionId(1), Direction::Outgoing).unwrap();
+    hub.connect(hc, Direction::Incoming).unwrap();
+    exchange(&mut a, &mut hub, hc, 10_000);
+    let key = StorageKey::new([
+        doc.to_string(),
+        "sync-state".to_owned(),
+        a.storage_id().as_str().to_owned(),
+    ])
+    .unwrap();
+    let stored_shared = |s: &Faulty| {
+        let bytes = s.inner.get(&key).unwrap().expect("a stored sync state");
+        automerge::sync::State::decode(&bytes).unwrap().shared_heads
+    };
+    let first = stored_shared(&storage);
+    // Changes the hub sends to `a` (as from another writer): within the
+    // interval each costs one commit (the change; `a`'s acknowledgement
+    // writes nothing), and the stored state stays as it was.
+    let commits = storage.commits.load(Ordering::SeqCst);
+    for i in 1..=5 {
+        put(&mut hub, &doc, "x", i);
+        exchange(&mut a, &mut hub, hc, 10_000 + i as u64 * 100);
+    }
+    assert_eq!(get(&mut a, &doc, "x"), Some(5));
+    assert_eq!(storage.commits.load(Ordering::SeqCst) - commits, 5);
+    assert_eq!(stored_shared(&storage), first);
+    // Once the interval has passed, the next flush writes it.
+    put(&mut hub, &doc, "x", 6);
+    exchange(&mut a, &mut hub, hc, 11_100);
+    assert_ne!(stored_shared(&storage), first);
+    // And closing the connection writes what it learned since.
+    put(&mut hub, &doc, "x", 7);
+    exchange(&mut a, &mut hub, hc, 11_200);
+    hub.disconnect(hc);
+    assert_eq!(stored_shared(&storage), hub.heads(&doc).unwrap());
+}
+
 // ---- bad input ---------------------------------------------------------------
 
 #[test]
