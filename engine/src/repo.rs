@@ -199,6 +199,9 @@ pub struct Repo<S: Storage> {
     sync_state_dirty: BTreeSet<(ConnectionId, DocumentId)>,
     /// When sync states were last written (`now`).
     sync_state_written: Millis,
+    /// Sync messages without changes received since the last flush that
+    /// wrote documents, with the states they led to (see `receive_sync`).
+    received: network::ReceivedMemo,
     /// Documents touched this session: offered to peers whose policy announces.
     active: BTreeSet<DocumentId>,
     /// Documents requested from peers that we do not have yet.
@@ -259,6 +262,7 @@ impl<S: Storage> Repo<S> {
             to_sync: BTreeSet::new(),
             sync_state_dirty: BTreeSet::new(),
             sync_state_written: 0,
+            received: network::ReceivedMemo::default(),
             active: BTreeSet::new(),
             wanted: BTreeSet::new(),
             ephemeral_seen: HashMap::new(),
@@ -808,6 +812,9 @@ impl<S: Storage> Repo<S> {
             return Err(e.into());
         }
         self.next_seq += events.len() as u64;
+        if !plans.is_empty() {
+            self.received.clear();
+        }
         self.docs.apply(plans);
         for event in events {
             self.outputs
@@ -820,6 +827,11 @@ impl<S: Storage> Repo<S> {
 
     fn generate_sync_messages(&mut self) {
         let max = self.config.max_messages_per_flush;
+        // Generating is a function of the document and the sync state only:
+        // peers in the same state with a document (readers in step, as in a
+        // fan-out) get the same messages and end in the same state, so each
+        // distinct state is generated once per flush.
+        let mut generated: HashMap<(DocumentId, u64), Vec<Generated>> = HashMap::new();
         for (cid, id) in std::mem::take(&mut self.to_sync) {
             let Some(conn) = self.conns.get_mut(&cid) else {
                 continue;
@@ -844,22 +856,40 @@ impl<S: Storage> Repo<S> {
                 }
             };
             let doc = &mut loaded.doc;
-            let result = catch_unwind(AssertUnwindSafe(|| {
-                let empty = doc.get_heads().is_empty();
-                let mut out = Vec::new();
-                for _ in 0..max {
-                    match doc.sync().generate_sync_message(&mut pd.sync) {
-                        Some(m) => out.push(m.encode()),
-                        None => break,
+            let key = (id, state_hash(&pd.sync));
+            let same = generated
+                .get(&key)
+                .and_then(|g| g.iter().find(|g| g.before == pd.sync));
+            let (empty, messages) = if let Some(g) = same {
+                pd.sync.clone_from(&g.after);
+                (g.empty, g.messages.clone())
+            } else {
+                let before = pd.sync.clone();
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    let empty = doc.get_heads().is_empty();
+                    let mut out = Vec::new();
+                    for _ in 0..max {
+                        match doc.sync().generate_sync_message(&mut pd.sync) {
+                            Some(m) => out.push(m.encode()),
+                            None => break,
+                        }
                     }
-                }
-                (empty, out)
-            }));
-            let (empty, messages) = match result {
-                Ok(r) => r,
-                Err(panic) => {
-                    let _ = self.quarantine(id, panic_message(panic));
-                    continue;
+                    (empty, out)
+                }));
+                match result {
+                    Ok((empty, messages)) => {
+                        generated.entry(key).or_default().push(Generated {
+                            before,
+                            after: pd.sync.clone(),
+                            empty,
+                            messages: messages.clone(),
+                        });
+                        (empty, messages)
+                    }
+                    Err(panic) => {
+                        let _ = self.quarantine(id, panic_message(panic));
+                        continue;
+                    }
                 }
             };
             let me = self.config.peer_id.clone();
@@ -915,6 +945,21 @@ impl<S: Storage> Repo<S> {
         }
         Ok((before, after))
     }
+}
+
+/// The messages one sync state produced with a document in one flush.
+struct Generated {
+    before: sync::State,
+    after: sync::State,
+    empty: bool,
+    messages: Vec<Vec<u8>>,
+}
+
+/// A hash of a sync state (and whatever else `value` holds), to find
+/// peers in the same state.
+fn state_hash(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }
 
 fn sync_state_key(doc: &DocumentId, sid: &StorageId) -> StorageKey {

@@ -565,6 +565,77 @@ fn sync_states_are_written_at_most_once_per_interval_and_on_close() {
     assert_eq!(stored_shared(&storage), hub.heads(&doc).unwrap());
 }
 
+/// Readers in the same sync state share one generated message and one
+/// handling of their identical acknowledgements (the hub generates and
+/// applies once per distinct state); readers that fall behind or catch up
+/// out of step still converge, and each ends with its own correct state.
+#[test]
+fn readers_in_and_out_of_step_all_converge() {
+    let mut hub = server();
+    let mut w = client("w");
+    let doc = w.create().unwrap();
+    put(&mut w, &doc, "v", 0);
+    w.flush().unwrap();
+    sync_in_process(&mut w, &mut hub, 50).unwrap();
+    let mut readers: Vec<Repo<MemoryStorage>> = (0..6).map(|i| client(&format!("r{i}"))).collect();
+    let hw = ConnectionId(100);
+    w.connect(ConnectionId(1), Direction::Outgoing).unwrap();
+    hub.connect(hw, Direction::Incoming).unwrap();
+    for (i, r) in readers.iter_mut().enumerate() {
+        r.connect(ConnectionId(1), Direction::Outgoing).unwrap();
+        hub.connect(ConnectionId(i as u64 + 1), Direction::Incoming)
+            .unwrap();
+        r.request(doc).unwrap();
+    }
+    // Frames held back per reader (a slow reader reads them later).
+    let mut held: Vec<Vec<Vec<u8>>> = vec![Vec::new(); readers.len()];
+    for round in 1..=40i64 {
+        put(&mut w, &doc, "v", round);
+        for step in 0..6 {
+            w.flush().unwrap();
+            for o in w.drain_outputs() {
+                if let Output::Send { frame, .. } = o {
+                    hub.receive(0, hw, &frame).unwrap();
+                }
+            }
+            for (i, r) in readers.iter_mut().enumerate() {
+                r.flush().unwrap();
+                for o in r.drain_outputs() {
+                    if let Output::Send { frame, .. } = o {
+                        hub.receive(0, ConnectionId(i as u64 + 1), &frame).unwrap();
+                    }
+                }
+            }
+            hub.flush().unwrap();
+            for o in hub.drain_outputs() {
+                if let Output::Send { connection, frame } = o {
+                    if connection == hw {
+                        w.receive(0, ConnectionId(1), &frame).unwrap();
+                    } else {
+                        held[connection.0 as usize - 1].push(frame);
+                    }
+                }
+            }
+            for (i, r) in readers.iter_mut().enumerate() {
+                // Reader 0 is always in step; the others lag in turn.
+                let lagging = i > 0 && (round as usize + i).is_multiple_of(5) && step < 3;
+                if !lagging {
+                    for f in held[i].drain(..) {
+                        r.receive(0, ConnectionId(1), &f).unwrap();
+                    }
+                }
+            }
+        }
+        for r in readers.iter_mut() {
+            assert_eq!(get(r, &doc, "v"), Some(round), "round {round}");
+        }
+    }
+    for (i, _) in readers.iter().enumerate() {
+        let c = ConnectionId(i as u64 + 1);
+        assert!(hub.is_acknowledged(c, &doc).unwrap(), "reader {i}");
+    }
+}
+
 // ---- bad input ---------------------------------------------------------------
 
 #[test]
