@@ -536,6 +536,10 @@ impl<S: Storage> Repo<S> {
         self.to_sync.insert((cid, doc));
         if their_heads != before_theirs
             && let (Some(sid), Some(heads)) = (&peer.storage_id, their_heads)
+            && self
+                .conns
+                .iter()
+                .any(|(c, conn)| *c != cid && conn.remote_subs.contains(sid))
         {
             let new_heads = vec![RemoteHeads {
                 storage_id: sid.clone(),
