@@ -230,11 +230,13 @@ async fn run() -> Result<()> {
                     path.display()
                 )
             })?;
-            let repo = Repo::open(
-                storage,
-                RepoConfig::new(PeerId::random("tandem-relay")),
-                auth.policy(),
-            )?;
+            let mut repo_config = RepoConfig::new(PeerId::random("tandem-relay"));
+            // Every peer acknowledges every change it receives: writing their
+            // sync states at most once a second (and when they leave), not
+            // with every flush, spares a durable commit per batch of
+            // acknowledgements (RepoConfig::sync_state_interval).
+            repo_config.sync_state_interval = 1_000;
+            let repo = Repo::open(storage, repo_config, auth.policy())?;
             let anonymous = matches!(auth, Auth::Anonymous);
             if anonymous && !listen.ip().is_loopback() {
                 tracing::warn!(%listen, "serving without authentication on a non-loopback address: anyone who can reach it can read and write any document");
