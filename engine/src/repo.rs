@@ -52,6 +52,17 @@ pub struct RepoConfig {
     /// only saves work on reconnect: one lost in a crash means a longer
     /// resync, never lost data. 0 (the default) writes them with every flush.
     pub sync_state_interval: Millis,
+    /// Flow control: how many messages with changes one peer may have
+    /// unanswered for one document (0, the default: no limit). Beyond it,
+    /// new changes wait for its answer and then go together in one
+    /// message, so a peer slower than the changes gets them in batches
+    /// instead of an ever longer queue; a peer that keeps up still gets
+    /// each flush's changes at once.
+    pub sync_window: usize,
+    /// With a `sync_window`: a peer that has not answered for this many
+    /// milliseconds (by the `now` of [`Repo::receive`] and [`Repo::tick`])
+    /// gets the waiting changes anyway, one message per interval.
+    pub sync_window_timeout: Millis,
 }
 
 impl RepoConfig {
@@ -63,6 +74,8 @@ impl RepoConfig {
             documents: DocumentsConfig::default(),
             max_messages_per_flush: 4,
             sync_state_interval: 0,
+            sync_window: 0,
+            sync_window_timeout: 250,
         }
     }
 }
@@ -825,8 +838,24 @@ impl<S: Storage> Repo<S> {
         Ok(FlushReport { evicted, ..report })
     }
 
+    /// Advance the clock (`now` as in [`Repo::receive`]) without input, so
+    /// that the next flush sends what flow control held back longer than
+    /// [`RepoConfig::sync_window_timeout`].
+    pub fn tick(&mut self, now: Millis) {
+        self.now = now;
+    }
+
+    /// Whether sync messages wait for a peer's answer (flow control): a
+    /// driver should then [`tick`](Self::tick) and flush within
+    /// [`RepoConfig::sync_window_timeout`] even without input.
+    pub fn has_held_sync(&self) -> bool {
+        !self.to_sync.is_empty()
+    }
+
     fn generate_sync_messages(&mut self) {
         let max = self.config.max_messages_per_flush;
+        let (window, timeout) = (self.config.sync_window, self.config.sync_window_timeout);
+        let mut held = Vec::new();
         // Generating is a function of the document and the sync state only:
         // peers in the same state with a document (readers in step, as in a
         // fan-out) get the same messages and end in the same state, so each
@@ -847,6 +876,13 @@ impl<S: Storage> Repo<S> {
             if pd.access == Access::None {
                 continue;
             }
+            if window > 0
+                && pd.in_flight.len() >= window
+                && self.now.saturating_sub(pd.last_sent) < timeout
+            {
+                held.push((cid, id));
+                continue;
+            }
             let loaded = match self.docs.get(&id) {
                 Ok(Some(l)) => l,
                 Ok(None) => continue,
@@ -860,31 +896,36 @@ impl<S: Storage> Repo<S> {
             let same = generated
                 .get(&key)
                 .and_then(|g| g.iter().find(|g| g.before == pd.sync));
-            let (empty, messages) = if let Some(g) = same {
+            let (empty, messages, changes) = if let Some(g) = same {
                 pd.sync.clone_from(&g.after);
-                (g.empty, g.messages.clone())
+                (g.empty, g.messages.clone(), g.changes)
             } else {
                 let before = pd.sync.clone();
                 let result = catch_unwind(AssertUnwindSafe(|| {
                     let empty = doc.get_heads().is_empty();
                     let mut out = Vec::new();
+                    let mut changes = false;
                     for _ in 0..max {
                         match doc.sync().generate_sync_message(&mut pd.sync) {
-                            Some(m) => out.push(m.encode()),
+                            Some(m) => {
+                                changes |= !m.changes.is_empty();
+                                out.push(m.encode());
+                            }
                             None => break,
                         }
                     }
-                    (empty, out)
+                    (empty, out, changes)
                 }));
                 match result {
-                    Ok((empty, messages)) => {
+                    Ok((empty, messages, changes)) => {
                         generated.entry(key).or_default().push(Generated {
                             before,
                             after: pd.sync.clone(),
                             empty,
                             messages: messages.clone(),
+                            changes,
                         });
-                        (empty, messages)
+                        (empty, messages, changes)
                     }
                     Err(panic) => {
                         let _ = self.quarantine(id, panic_message(panic));
@@ -892,6 +933,13 @@ impl<S: Storage> Repo<S> {
                     }
                 }
             };
+            if changes && window > 0 {
+                if pd.in_flight.len() >= window {
+                    pd.in_flight.pop_front();
+                }
+                pd.in_flight.push_back(doc.get_heads());
+                pd.last_sent = self.now;
+            }
             let me = self.config.peer_id.clone();
             for data in messages {
                 let msg = if empty && !pd.received {
@@ -915,6 +963,7 @@ impl<S: Storage> Repo<S> {
                 });
             }
         }
+        self.to_sync.extend(held);
     }
 
     /// The next thing for the driver to do, if any.
@@ -953,6 +1002,8 @@ struct Generated {
     after: sync::State,
     empty: bool,
     messages: Vec<Vec<u8>>,
+    /// They bring changes.
+    changes: bool,
 }
 
 /// A hash of a sync state (and whatever else `value` holds), to find

@@ -571,7 +571,20 @@ fn sync_states_are_written_at_most_once_per_interval_and_on_close() {
 /// out of step still converge, and each ends with its own correct state.
 #[test]
 fn readers_in_and_out_of_step_all_converge() {
-    let mut hub = server();
+    readers_converge(0);
+}
+
+#[test]
+fn readers_in_and_out_of_step_all_converge_with_a_sync_window() {
+    readers_converge(1);
+}
+
+fn readers_converge(sync_window: usize) {
+    let hub_config = RepoConfig {
+        sync_window,
+        ..config("server")
+    };
+    let mut hub = Repo::open(MemoryStorage::new(), hub_config, ServeOnRequest).unwrap();
     let mut w = client("w");
     let doc = w.create().unwrap();
     put(&mut w, &doc, "v", 0);
@@ -634,6 +647,105 @@ fn readers_in_and_out_of_step_all_converge() {
         let c = ConnectionId(i as u64 + 1);
         assert!(hub.is_acknowledged(c, &doc).unwrap(), "reader {i}");
     }
+}
+
+/// Sync frames `repo` has queued for `conn`, with whether each brings changes.
+fn sync_frames(repo: &mut Repo<MemoryStorage>, conn: ConnectionId) -> Vec<(Vec<u8>, bool)> {
+    repo.flush().unwrap();
+    repo.drain_outputs()
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Send { connection, frame } if connection == conn => {
+                match Message::decode(&frame).unwrap() {
+                    Message::Sync { data, .. } => {
+                        let m = automerge::sync::Message::decode(&data).unwrap();
+                        Some((frame, !m.changes.is_empty()))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// With a window of one, a peer that has not answered the last changes
+/// sent to it gets no more until it does, then everything since in one
+/// message; one that never answers gets them after the timeout.
+#[test]
+fn a_sync_window_holds_changes_until_the_peer_answers() {
+    let hub_config = RepoConfig {
+        sync_window: 1,
+        sync_window_timeout: 250,
+        ..config("server")
+    };
+    let mut hub = Repo::open(MemoryStorage::new(), hub_config, ServeOnRequest).unwrap();
+    let mut w = client("w");
+    let doc = w.create().unwrap();
+    put(&mut w, &doc, "v", 0);
+    w.flush().unwrap();
+    sync_in_process(&mut w, &mut hub, 50).unwrap();
+    let mut r = client("r");
+    let (rc, hc) = (ConnectionId(1), ConnectionId(9));
+    r.connect(rc, Direction::Outgoing).unwrap();
+    hub.connect(hc, Direction::Incoming).unwrap();
+    r.request(doc).unwrap();
+    exchange(&mut r, &mut hub, hc, 1_000);
+    assert_eq!(get(&mut r, &doc, "v"), Some(0));
+
+    // A change reaches the reader at once; two more wait for its answer.
+    let mut held = Vec::new();
+    for v in 1..=3 {
+        put(&mut hub, &doc, "v", v);
+        let frames = sync_frames(&mut hub, hc);
+        if v == 1 {
+            assert!(matches!(frames.as_slice(), [(_, true)]), "{frames:?}");
+            held.extend(frames.into_iter().map(|(f, _)| f));
+        } else {
+            assert!(frames.is_empty(), "sent before the answer");
+        }
+    }
+    for f in held.drain(..) {
+        r.receive(1_010, rc, &f).unwrap();
+    }
+    assert_eq!(get(&mut r, &doc, "v"), Some(1));
+    // Its answer releases both waiting changes, in one message.
+    r.flush().unwrap();
+    for o in r.drain_outputs() {
+        if let Output::Send { frame, .. } = o {
+            hub.receive(1_020, hc, &frame).unwrap();
+        }
+    }
+    let frames = sync_frames(&mut hub, hc);
+    assert!(matches!(frames.as_slice(), [(_, true)]), "{frames:?}");
+    for (f, _) in frames {
+        r.receive(1_030, rc, &f).unwrap();
+    }
+    assert_eq!(get(&mut r, &doc, "v"), Some(3));
+    exchange(&mut r, &mut hub, hc, 1_040);
+
+    // A peer that does not answer: held, until the timeout has passed.
+    put(&mut hub, &doc, "v", 4);
+    let first = sync_frames(&mut hub, hc);
+    assert_eq!(first.len(), 1);
+    put(&mut hub, &doc, "v", 5);
+    assert!(sync_frames(&mut hub, hc).is_empty());
+    assert!(hub.has_held_sync());
+    hub.tick(1_100);
+    assert!(
+        sync_frames(&mut hub, hc).is_empty(),
+        "released before the timeout"
+    );
+    hub.tick(1_300);
+    let frames = sync_frames(&mut hub, hc);
+    assert!(matches!(frames.as_slice(), [(_, true)]), "{frames:?}");
+    assert!(!hub.has_held_sync());
+    for (f, _) in first.into_iter().chain(frames) {
+        r.receive(1_300, rc, &f).unwrap();
+    }
+    assert_eq!(get(&mut r, &doc, "v"), Some(5));
+    exchange(&mut r, &mut hub, hc, 1_400);
+    assert!(hub.is_acknowledged(hc, &doc).unwrap());
 }
 
 // ---- bad input ---------------------------------------------------------------

@@ -520,7 +520,12 @@ impl<S: Storage> Repo<S> {
                 ),
             }));
         }
-        let pd = &self.conns[&cid].docs[&doc];
+        let pd = self
+            .conns
+            .get_mut(&cid)
+            .and_then(|c| c.docs.get_mut(&doc))
+            .expect("ready connection");
+        pd.answered();
         if pd.sync.shared_heads != before_shared {
             self.sync_state_dirty.insert((cid, doc));
         }
