@@ -427,6 +427,10 @@ impl Ctx {
     }
 }
 
+/// How often the repo task advances the repo's clock while flow control
+/// holds sync messages back (see `Repo::has_held_sync`).
+const HELD_TICK: Duration = Duration::from_millis(50);
+
 async fn repo_task<S: Storage>(
     mut repo: Repo<S>,
     mut rx: mpsc::Receiver<Input>,
@@ -446,8 +450,26 @@ async fn repo_task<S: Storage>(
     let mut last_gauges = Instant::now();
     ctx.stats.serving.store(true, Ordering::Relaxed);
     let mut inputs: Vec<Option<Input>> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        inputs.push(Some(first));
+    loop {
+        // Sync messages held back by flow control go out once their peer
+        // answers, or at the latest after the repo's window timeout, which
+        // needs the clock to advance without input.
+        let first = if repo.has_held_sync() {
+            match tokio::time::timeout(HELD_TICK, rx.recv()).await {
+                Ok(Some(first)) => Some(first),
+                Ok(None) => break,
+                Err(_) => {
+                    repo.tick(now_ms());
+                    None
+                }
+            }
+        } else {
+            match rx.recv().await {
+                Some(first) => Some(first),
+                None => break,
+            }
+        };
+        inputs.extend(first.map(Some));
         while inputs.len() < max_batch {
             match rx.try_recv() {
                 Ok(input) => inputs.push(Some(input)),
