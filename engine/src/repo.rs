@@ -46,6 +46,23 @@ pub struct RepoConfig {
     pub documents: DocumentsConfig,
     /// Most sync messages generated for one peer and document per flush.
     pub max_messages_per_flush: usize,
+    /// Write changed sync states at most once per this many milliseconds
+    /// (by the `now` of [`Repo::receive`]) instead of with every flush;
+    /// they are always written when their connection closes. A sync state
+    /// only saves work on reconnect: one lost in a crash means a longer
+    /// resync, never lost data. 0 (the default) writes them with every flush.
+    pub sync_state_interval: Millis,
+    /// Flow control: how many messages with changes one peer may have
+    /// unanswered for one document (0, the default: no limit). Beyond it,
+    /// new changes wait for its answer and then go together in one
+    /// message, so a peer slower than the changes gets them in batches
+    /// instead of an ever longer queue; a peer that keeps up still gets
+    /// each flush's changes at once.
+    pub sync_window: usize,
+    /// With a `sync_window`: a peer that has not answered for this many
+    /// milliseconds (by the `now` of [`Repo::receive`] and [`Repo::tick`])
+    /// gets the waiting changes anyway, one message per interval.
+    pub sync_window_timeout: Millis,
 }
 
 impl RepoConfig {
@@ -56,6 +73,9 @@ impl RepoConfig {
             ephemeral: false,
             documents: DocumentsConfig::default(),
             max_messages_per_flush: 4,
+            sync_state_interval: 0,
+            sync_window: 0,
+            sync_window_timeout: 250,
         }
     }
 }
@@ -188,8 +208,13 @@ pub struct Repo<S: Storage> {
     next_seq: u64,
     /// (connection, document) pairs that may have a sync message to send.
     to_sync: BTreeSet<(ConnectionId, DocumentId)>,
-    /// Sync states whose persistent part changed since the last flush.
+    /// Sync states whose persistent part changed since they were last written.
     sync_state_dirty: BTreeSet<(ConnectionId, DocumentId)>,
+    /// When sync states were last written (`now`).
+    sync_state_written: Millis,
+    /// Sync messages without changes received since the last flush that
+    /// wrote documents, with the states they led to (see `receive_sync`).
+    received: network::ReceivedMemo,
     /// Documents touched this session: offered to peers whose policy announces.
     active: BTreeSet<DocumentId>,
     /// Documents requested from peers that we do not have yet.
@@ -249,6 +274,8 @@ impl<S: Storage> Repo<S> {
             next_seq,
             to_sync: BTreeSet::new(),
             sync_state_dirty: BTreeSet::new(),
+            sync_state_written: 0,
+            received: network::ReceivedMemo::default(),
             active: BTreeSet::new(),
             wanted: BTreeSet::new(),
             ephemeral_seen: HashMap::new(),
@@ -757,7 +784,17 @@ impl<S: Storage> Repo<S> {
             batch.put(feed_key(last.seq), block);
         }
         let mut persisted_sync = Vec::new();
-        for (cid, doc) in std::mem::take(&mut self.sync_state_dirty) {
+        let sync_states_due =
+            self.now.saturating_sub(self.sync_state_written) >= self.config.sync_state_interval;
+        if sync_states_due && !self.sync_state_dirty.is_empty() {
+            self.sync_state_written = self.now;
+        }
+        let dirty = if sync_states_due {
+            std::mem::take(&mut self.sync_state_dirty)
+        } else {
+            BTreeSet::new()
+        };
+        for (cid, doc) in dirty {
             if let Some(conn) = self.conns.get(&cid)
                 && put_sync_state(conn, &doc, &mut batch)
             {
@@ -788,6 +825,9 @@ impl<S: Storage> Repo<S> {
             return Err(e.into());
         }
         self.next_seq += events.len() as u64;
+        if !plans.is_empty() {
+            self.received.clear();
+        }
         self.docs.apply(plans);
         for event in events {
             self.outputs
@@ -798,8 +838,29 @@ impl<S: Storage> Repo<S> {
         Ok(FlushReport { evicted, ..report })
     }
 
+    /// Advance the clock (`now` as in [`Repo::receive`]) without input, so
+    /// that the next flush sends what flow control held back longer than
+    /// [`RepoConfig::sync_window_timeout`].
+    pub fn tick(&mut self, now: Millis) {
+        self.now = now;
+    }
+
+    /// Whether sync messages wait for a peer's answer (flow control): a
+    /// driver should then [`tick`](Self::tick) and flush within
+    /// [`RepoConfig::sync_window_timeout`] even without input.
+    pub fn has_held_sync(&self) -> bool {
+        !self.to_sync.is_empty()
+    }
+
     fn generate_sync_messages(&mut self) {
         let max = self.config.max_messages_per_flush;
+        let (window, timeout) = (self.config.sync_window, self.config.sync_window_timeout);
+        let mut held = Vec::new();
+        // Generating is a function of the document and the sync state only:
+        // peers in the same state with a document (readers in step, as in a
+        // fan-out) get the same messages and end in the same state, so each
+        // distinct state is generated once per flush.
+        let mut generated: HashMap<(DocumentId, u64), Vec<Generated>> = HashMap::new();
         for (cid, id) in std::mem::take(&mut self.to_sync) {
             let Some(conn) = self.conns.get_mut(&cid) else {
                 continue;
@@ -815,6 +876,13 @@ impl<S: Storage> Repo<S> {
             if pd.access == Access::None {
                 continue;
             }
+            if window > 0
+                && pd.in_flight.len() >= window
+                && self.now.saturating_sub(pd.last_sent) < timeout
+            {
+                held.push((cid, id));
+                continue;
+            }
             let loaded = match self.docs.get(&id) {
                 Ok(Some(l)) => l,
                 Ok(None) => continue,
@@ -824,24 +892,54 @@ impl<S: Storage> Repo<S> {
                 }
             };
             let doc = &mut loaded.doc;
-            let result = catch_unwind(AssertUnwindSafe(|| {
-                let empty = doc.get_heads().is_empty();
-                let mut out = Vec::new();
-                for _ in 0..max {
-                    match doc.sync().generate_sync_message(&mut pd.sync) {
-                        Some(m) => out.push(m.encode()),
-                        None => break,
+            let key = (id, state_hash(&pd.sync));
+            let same = generated
+                .get(&key)
+                .and_then(|g| g.iter().find(|g| g.before == pd.sync));
+            let (empty, messages, changes) = if let Some(g) = same {
+                pd.sync.clone_from(&g.after);
+                (g.empty, g.messages.clone(), g.changes)
+            } else {
+                let before = pd.sync.clone();
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    let empty = doc.get_heads().is_empty();
+                    let mut out = Vec::new();
+                    let mut changes = false;
+                    for _ in 0..max {
+                        match doc.sync().generate_sync_message(&mut pd.sync) {
+                            Some(m) => {
+                                changes |= !m.changes.is_empty();
+                                out.push(m.encode());
+                            }
+                            None => break,
+                        }
+                    }
+                    (empty, out, changes)
+                }));
+                match result {
+                    Ok((empty, messages, changes)) => {
+                        generated.entry(key).or_default().push(Generated {
+                            before,
+                            after: pd.sync.clone(),
+                            empty,
+                            messages: messages.clone(),
+                            changes,
+                        });
+                        (empty, messages, changes)
+                    }
+                    Err(panic) => {
+                        let _ = self.quarantine(id, panic_message(panic));
+                        continue;
                     }
                 }
-                (empty, out)
-            }));
-            let (empty, messages) = match result {
-                Ok(r) => r,
-                Err(panic) => {
-                    let _ = self.quarantine(id, panic_message(panic));
-                    continue;
-                }
             };
+            if changes && window > 0 {
+                if pd.in_flight.len() >= window {
+                    pd.in_flight.pop_front();
+                }
+                pd.in_flight.push_back(doc.get_heads());
+                pd.last_sent = self.now;
+            }
             let me = self.config.peer_id.clone();
             for data in messages {
                 let msg = if empty && !pd.received {
@@ -865,6 +963,7 @@ impl<S: Storage> Repo<S> {
                 });
             }
         }
+        self.to_sync.extend(held);
     }
 
     /// The next thing for the driver to do, if any.
@@ -895,6 +994,23 @@ impl<S: Storage> Repo<S> {
         }
         Ok((before, after))
     }
+}
+
+/// The messages one sync state produced with a document in one flush.
+struct Generated {
+    before: sync::State,
+    after: sync::State,
+    empty: bool,
+    messages: Vec<Vec<u8>>,
+    /// They bring changes.
+    changes: bool,
+}
+
+/// A hash of a sync state (and whatever else `value` holds), to find
+/// peers in the same state.
+fn state_hash(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }
 
 fn sync_state_key(doc: &DocumentId, sid: &StorageId) -> StorageKey {

@@ -486,6 +486,268 @@ fn sync_states_persist_per_storage_id_so_reconnects_send_little() {
     );
 }
 
+/// Flush `client` and `hub` and carry frames both ways (the client on
+/// connection 1, the hub on `hc`) until both are quiet.
+fn exchange(
+    client: &mut Repo<impl Storage>,
+    hub: &mut Repo<impl Storage>,
+    hc: ConnectionId,
+    now: u64,
+) {
+    for _ in 0..50 {
+        let mut moved = false;
+        client.flush().unwrap();
+        for o in client.drain_outputs() {
+            if let Output::Send { frame, .. } = o {
+                hub.receive(now, hc, &frame).unwrap();
+                moved = true;
+            }
+        }
+        hub.flush().unwrap();
+        for o in hub.drain_outputs() {
+            if let Output::Send { frame, .. } = o {
+                client.receive(now, ConnectionId(1), &frame).unwrap();
+                moved = true;
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+    panic!("no quiescence");
+}
+
+#[test]
+fn sync_states_are_written_at_most_once_per_interval_and_on_close() {
+    let storage = Arc::new(Faulty::default());
+    let hub_config = RepoConfig {
+        sync_state_interval: 1_000,
+        ..config("server")
+    };
+    let mut hub = Repo::open(storage.clone(), hub_config, ServeOnRequest).unwrap();
+    let mut a = client("a");
+    let doc = a.create().unwrap();
+    put(&mut a, &doc, "x", 0);
+    let hc = ConnectionId(7);
+    a.connect(ConnectionId(1), Direction::Outgoing).unwrap();
+    hub.connect(hc, Direction::Incoming).unwrap();
+    exchange(&mut a, &mut hub, hc, 10_000);
+    let key = StorageKey::new([
+        doc.to_string(),
+        "sync-state".to_owned(),
+        a.storage_id().as_str().to_owned(),
+    ])
+    .unwrap();
+    let stored_shared = |s: &Faulty| {
+        let bytes = s.inner.get(&key).unwrap().expect("a stored sync state");
+        automerge::sync::State::decode(&bytes).unwrap().shared_heads
+    };
+    let first = stored_shared(&storage);
+    // Changes the hub sends to `a` (as from another writer): within the
+    // interval each costs one commit (the change; `a`'s acknowledgement
+    // writes nothing), and the stored state stays as it was.
+    let commits = storage.commits.load(Ordering::SeqCst);
+    for i in 1..=5 {
+        put(&mut hub, &doc, "x", i);
+        exchange(&mut a, &mut hub, hc, 10_000 + i as u64 * 100);
+    }
+    assert_eq!(get(&mut a, &doc, "x"), Some(5));
+    assert_eq!(storage.commits.load(Ordering::SeqCst) - commits, 5);
+    assert_eq!(stored_shared(&storage), first);
+    // Once the interval has passed, the next flush writes it.
+    put(&mut hub, &doc, "x", 6);
+    exchange(&mut a, &mut hub, hc, 11_100);
+    assert_ne!(stored_shared(&storage), first);
+    // And closing the connection writes what it learned since.
+    put(&mut hub, &doc, "x", 7);
+    exchange(&mut a, &mut hub, hc, 11_200);
+    hub.disconnect(hc);
+    assert_eq!(stored_shared(&storage), hub.heads(&doc).unwrap());
+}
+
+/// Readers in the same sync state share one generated message and one
+/// handling of their identical acknowledgements (the hub generates and
+/// applies once per distinct state); readers that fall behind or catch up
+/// out of step still converge, and each ends with its own correct state.
+#[test]
+fn readers_in_and_out_of_step_all_converge() {
+    readers_converge(0);
+}
+
+#[test]
+fn readers_in_and_out_of_step_all_converge_with_a_sync_window() {
+    readers_converge(1);
+}
+
+fn readers_converge(sync_window: usize) {
+    let hub_config = RepoConfig {
+        sync_window,
+        ..config("server")
+    };
+    let mut hub = Repo::open(MemoryStorage::new(), hub_config, ServeOnRequest).unwrap();
+    let mut w = client("w");
+    let doc = w.create().unwrap();
+    put(&mut w, &doc, "v", 0);
+    w.flush().unwrap();
+    sync_in_process(&mut w, &mut hub, 50).unwrap();
+    let mut readers: Vec<Repo<MemoryStorage>> = (0..6).map(|i| client(&format!("r{i}"))).collect();
+    let hw = ConnectionId(100);
+    w.connect(ConnectionId(1), Direction::Outgoing).unwrap();
+    hub.connect(hw, Direction::Incoming).unwrap();
+    for (i, r) in readers.iter_mut().enumerate() {
+        r.connect(ConnectionId(1), Direction::Outgoing).unwrap();
+        hub.connect(ConnectionId(i as u64 + 1), Direction::Incoming)
+            .unwrap();
+        r.request(doc).unwrap();
+    }
+    // Frames held back per reader (a slow reader reads them later).
+    let mut held: Vec<Vec<Vec<u8>>> = vec![Vec::new(); readers.len()];
+    for round in 1..=40i64 {
+        put(&mut w, &doc, "v", round);
+        for step in 0..6 {
+            w.flush().unwrap();
+            for o in w.drain_outputs() {
+                if let Output::Send { frame, .. } = o {
+                    hub.receive(0, hw, &frame).unwrap();
+                }
+            }
+            for (i, r) in readers.iter_mut().enumerate() {
+                r.flush().unwrap();
+                for o in r.drain_outputs() {
+                    if let Output::Send { frame, .. } = o {
+                        hub.receive(0, ConnectionId(i as u64 + 1), &frame).unwrap();
+                    }
+                }
+            }
+            hub.flush().unwrap();
+            for o in hub.drain_outputs() {
+                if let Output::Send { connection, frame } = o {
+                    if connection == hw {
+                        w.receive(0, ConnectionId(1), &frame).unwrap();
+                    } else {
+                        held[connection.0 as usize - 1].push(frame);
+                    }
+                }
+            }
+            for (i, r) in readers.iter_mut().enumerate() {
+                // Reader 0 is always in step; the others lag in turn.
+                let lagging = i > 0 && (round as usize + i).is_multiple_of(5) && step < 3;
+                if !lagging {
+                    for f in held[i].drain(..) {
+                        r.receive(0, ConnectionId(1), &f).unwrap();
+                    }
+                }
+            }
+        }
+        for r in readers.iter_mut() {
+            assert_eq!(get(r, &doc, "v"), Some(round), "round {round}");
+        }
+    }
+    for (i, _) in readers.iter().enumerate() {
+        let c = ConnectionId(i as u64 + 1);
+        assert!(hub.is_acknowledged(c, &doc).unwrap(), "reader {i}");
+    }
+}
+
+/// Sync frames `repo` has queued for `conn`, with whether each brings changes.
+fn sync_frames(repo: &mut Repo<MemoryStorage>, conn: ConnectionId) -> Vec<(Vec<u8>, bool)> {
+    repo.flush().unwrap();
+    repo.drain_outputs()
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Send { connection, frame } if connection == conn => {
+                match Message::decode(&frame).unwrap() {
+                    Message::Sync { data, .. } => {
+                        let m = automerge::sync::Message::decode(&data).unwrap();
+                        Some((frame, !m.changes.is_empty()))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// With a window of one, a peer that has not answered the last changes
+/// sent to it gets no more until it does, then everything since in one
+/// message; one that never answers gets them after the timeout.
+#[test]
+fn a_sync_window_holds_changes_until_the_peer_answers() {
+    let hub_config = RepoConfig {
+        sync_window: 1,
+        sync_window_timeout: 250,
+        ..config("server")
+    };
+    let mut hub = Repo::open(MemoryStorage::new(), hub_config, ServeOnRequest).unwrap();
+    let mut w = client("w");
+    let doc = w.create().unwrap();
+    put(&mut w, &doc, "v", 0);
+    w.flush().unwrap();
+    sync_in_process(&mut w, &mut hub, 50).unwrap();
+    let mut r = client("r");
+    let (rc, hc) = (ConnectionId(1), ConnectionId(9));
+    r.connect(rc, Direction::Outgoing).unwrap();
+    hub.connect(hc, Direction::Incoming).unwrap();
+    r.request(doc).unwrap();
+    exchange(&mut r, &mut hub, hc, 1_000);
+    assert_eq!(get(&mut r, &doc, "v"), Some(0));
+
+    // A change reaches the reader at once; two more wait for its answer.
+    let mut held = Vec::new();
+    for v in 1..=3 {
+        put(&mut hub, &doc, "v", v);
+        let frames = sync_frames(&mut hub, hc);
+        if v == 1 {
+            assert!(matches!(frames.as_slice(), [(_, true)]), "{frames:?}");
+            held.extend(frames.into_iter().map(|(f, _)| f));
+        } else {
+            assert!(frames.is_empty(), "sent before the answer");
+        }
+    }
+    for f in held.drain(..) {
+        r.receive(1_010, rc, &f).unwrap();
+    }
+    assert_eq!(get(&mut r, &doc, "v"), Some(1));
+    // Its answer releases both waiting changes, in one message.
+    r.flush().unwrap();
+    for o in r.drain_outputs() {
+        if let Output::Send { frame, .. } = o {
+            hub.receive(1_020, hc, &frame).unwrap();
+        }
+    }
+    let frames = sync_frames(&mut hub, hc);
+    assert!(matches!(frames.as_slice(), [(_, true)]), "{frames:?}");
+    for (f, _) in frames {
+        r.receive(1_030, rc, &f).unwrap();
+    }
+    assert_eq!(get(&mut r, &doc, "v"), Some(3));
+    exchange(&mut r, &mut hub, hc, 1_040);
+
+    // A peer that does not answer: held, until the timeout has passed.
+    put(&mut hub, &doc, "v", 4);
+    let first = sync_frames(&mut hub, hc);
+    assert_eq!(first.len(), 1);
+    put(&mut hub, &doc, "v", 5);
+    assert!(sync_frames(&mut hub, hc).is_empty());
+    assert!(hub.has_held_sync());
+    hub.tick(1_100);
+    assert!(
+        sync_frames(&mut hub, hc).is_empty(),
+        "released before the timeout"
+    );
+    hub.tick(1_300);
+    let frames = sync_frames(&mut hub, hc);
+    assert!(matches!(frames.as_slice(), [(_, true)]), "{frames:?}");
+    assert!(!hub.has_held_sync());
+    for (f, _) in first.into_iter().chain(frames) {
+        r.receive(1_300, rc, &f).unwrap();
+    }
+    assert_eq!(get(&mut r, &doc, "v"), Some(5));
+    exchange(&mut r, &mut hub, hc, 1_400);
+    assert!(hub.is_acknowledged(hc, &doc).unwrap());
+}
+
 // ---- bad input ---------------------------------------------------------------
 
 #[test]

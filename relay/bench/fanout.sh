@@ -11,6 +11,8 @@
 #   relay/bench/fanout.sh            # about a minute
 #   READERS=50 RATE=1000 PHASE_SECS=10 DRAIN_SECS=10 relay/bench/fanout.sh
 #   TANDEM_LOG=info,automerge=warn relay/bench/fanout.sh   # RUST_LOG for the relay
+#   TANDEM_SYNC_WINDOW=1 relay/bench/fanout.sh   # the relay with flow control
+#                                                 (tandem serve --sync-window)
 #
 # Needs what .ci/run installs: the Rust toolchain, Node 20, `npm ci` in tests/js.
 # The JSON reports and server logs stay in $BENCH_OUT (default: a temp dir).

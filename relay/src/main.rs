@@ -77,6 +77,12 @@ struct ServeOptions {
     /// Also serve `/metrics` (Prometheus) and `/healthz` over HTTP here.
     #[arg(long, env = "TANDEM_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Flow control: sync messages with changes a client may have
+    /// unanswered per document; later changes wait for its answer and go
+    /// together (or after 250 ms without one). 0 sends every flush's
+    /// changes at once, however far behind the client is [default: 0].
+    #[arg(long, env = "TANDEM_SYNC_WINDOW")]
+    sync_window: Option<usize>,
 }
 
 impl ServeOptions {
@@ -102,6 +108,7 @@ impl ServeOptions {
             secret: self.secret.or(file.secret),
             allow_anonymous: self.allow_anonymous || file.allow_anonymous,
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            sync_window: self.sync_window.or(file.sync_window),
         })
     }
 }
@@ -230,11 +237,14 @@ async fn run() -> Result<()> {
                     path.display()
                 )
             })?;
-            let repo = Repo::open(
-                storage,
-                RepoConfig::new(PeerId::random("tandem-relay")),
-                auth.policy(),
-            )?;
+            let mut repo_config = RepoConfig::new(PeerId::random("tandem-relay"));
+            // Every peer acknowledges every change it receives: writing their
+            // sync states at most once a second (and when they leave), not
+            // with every flush, spares a durable commit per batch of
+            // acknowledgements (RepoConfig::sync_state_interval).
+            repo_config.sync_state_interval = 1_000;
+            repo_config.sync_window = options.sync_window.unwrap_or(0);
+            let repo = Repo::open(storage, repo_config, auth.policy())?;
             let anonymous = matches!(auth, Auth::Anonymous);
             if anonymous && !listen.ip().is_loopback() {
                 tracing::warn!(%listen, "serving without authentication on a non-loopback address: anyone who can reach it can read and write any document");

@@ -34,6 +34,7 @@ pub struct RelayStats {
     pub(crate) throttled: Counter,
     pub(crate) idle_closed: Counter,
     pub(crate) slow_readers: Counter,
+    pub(crate) frames_coalesced: Counter,
     /// The repo task is running (for `/healthz`).
     pub(crate) serving: AtomicBool,
 }
@@ -82,6 +83,11 @@ impl Default for RelayStats {
             "slow_readers_dropped",
             "Connections dropped because their outbound queue was full",
         );
+        let frames_coalesced = counter(
+            "frames_coalesced",
+            "Sync messages with changes handed to the repo together with the one \
+             before from the same connection (back to back in one batch)",
+        );
         let commit_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
         registry.register(
             "commit_seconds",
@@ -104,6 +110,7 @@ impl Default for RelayStats {
             throttled,
             idle_closed,
             slow_readers,
+            frames_coalesced,
             serving: AtomicBool::new(false),
         }
     }

@@ -9,7 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use governor::clock::Clock;
-use tandem_engine::{ConnectionId, Direction, DocumentId, Event, Output, Repo, Storage, protocol};
+use tandem_engine::automerge::sync;
+use tandem_engine::{
+    ConnectionId, Direction, DocumentId, Event, Output, PeerId, Repo, Storage, protocol,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -424,6 +427,10 @@ impl Ctx {
     }
 }
 
+/// How often the repo task advances the repo's clock while flow control
+/// holds sync messages back (see `Repo::has_held_sync`).
+const HELD_TICK: Duration = Duration::from_millis(50);
+
 async fn repo_task<S: Storage>(
     mut repo: Repo<S>,
     mut rx: mpsc::Receiver<Input>,
@@ -442,11 +449,43 @@ async fn repo_task<S: Storage>(
     let mut shutting_down = false;
     let mut last_gauges = Instant::now();
     ctx.stats.serving.store(true, Ordering::Relaxed);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut handled = 0;
-        while let Some(input) = next.take() {
-            handled += 1;
+    let mut inputs: Vec<Option<Input>> = Vec::new();
+    loop {
+        // Sync messages held back by flow control go out once their peer
+        // answers, or at the latest after the repo's window timeout, which
+        // needs the clock to advance without input.
+        let first = if repo.has_held_sync() {
+            match tokio::time::timeout(HELD_TICK, rx.recv()).await {
+                Ok(Some(first)) => Some(first),
+                Ok(None) => break,
+                Err(_) => {
+                    repo.tick(now_ms());
+                    None
+                }
+            }
+        } else {
+            match rx.recv().await {
+                Some(first) => Some(first),
+                None => break,
+            }
+        };
+        inputs.extend(first.map(Some));
+        while inputs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(input) => inputs.push(Some(input)),
+                Err(_) => break,
+            }
+        }
+        for input in inputs.iter().flatten() {
+            if let Input::Frame { bytes, .. } = input {
+                ctx.stats.frames_in.inc();
+                ctx.stats.bytes_in.inc_by(bytes.len() as u64);
+            }
+        }
+        ctx.stats
+            .frames_coalesced
+            .inc_by(coalesce_sync_frames(&mut inputs));
+        for input in inputs.drain(..).flatten() {
             match input {
                 Input::Opened {
                     id,
@@ -464,8 +503,6 @@ async fn repo_task<S: Storage>(
                     }
                 }
                 Input::Frame { id, bytes } => {
-                    ctx.stats.frames_in.inc();
-                    ctx.stats.bytes_in.inc_by(bytes.len() as u64);
                     if let Err(e) = repo.receive(now_ms(), id, &bytes) {
                         tracing::debug!(%id, error = %e, "frame for a closed connection");
                     }
@@ -480,9 +517,6 @@ async fn repo_task<S: Storage>(
                         repo.close(peer.connection);
                     }
                 }
-            }
-            if handled < max_batch {
-                next = rx.try_recv().ok();
             }
         }
         let started = std::time::Instant::now();
@@ -512,6 +546,137 @@ async fn repo_task<S: Storage>(
     }
     ctx.stats.serving.store(false, Ordering::Relaxed);
     repo
+}
+
+/// A sync message with changes, as the repo would receive it.
+struct SyncFrame {
+    sender_id: PeerId,
+    target_id: PeerId,
+    document_id: DocumentId,
+    message: sync::Message,
+}
+
+impl SyncFrame {
+    /// `bytes` is a `sync` frame whose message brings changes (automerge
+    /// change or document chunks, which the repo loads in sequence) and asks
+    /// for no reset.
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let protocol::Message::Sync {
+            sender_id,
+            target_id,
+            document_id,
+            data,
+        } = protocol::Message::decode(bytes).ok()?
+        else {
+            return None;
+        };
+        let message = sync::Message::decode(&data).ok()?;
+        let reset = message
+            .flags
+            .is_some_and(|f| f.contains(sync::MessageFlags::SYNC_RESET));
+        (!reset && !message.changes.is_empty()).then_some(Self {
+            sender_id,
+            target_id,
+            document_id,
+            message,
+        })
+    }
+
+    /// Take in `next`, which the same peer sent right after this one: its
+    /// changes follow ours, and everything else (heads, need, have, flags)
+    /// is the peer's newer word, so it replaces ours. Handing the repo the
+    /// result does what handing it the two in order would (the changes are
+    /// applied together, the sync state ends as after `next`), with one
+    /// automerge apply instead of two: an apply walks the history of the
+    /// object it changes, so a writer faster than the relay is not met
+    /// with one walk per change.
+    /// False (and nothing taken) if `next` is about another document or
+    /// differs in kind.
+    fn absorb(&mut self, next: Self) -> bool {
+        let same = next.sender_id == self.sender_id
+            && next.target_id == self.target_id
+            && next.document_id == self.document_id
+            && next.message.flags == self.message.flags
+            && next.message.version == self.message.version;
+        if !same {
+            return false;
+        }
+        let mut changes: Vec<Vec<u8>> = self.message.changes.iter().map(<[u8]>::to_vec).collect();
+        changes.extend(next.message.changes.iter().map(<[u8]>::to_vec));
+        self.message = sync::Message {
+            changes: changes.into(),
+            ..next.message
+        };
+        true
+    }
+
+    fn encode(self) -> Vec<u8> {
+        protocol::Message::Sync {
+            sender_id: self.sender_id,
+            target_id: self.target_id,
+            document_id: self.document_id,
+            data: self.message.encode(),
+        }
+        .encode()
+    }
+}
+
+/// Under load, a batch may hold several sync messages with changes that one
+/// connection sent back to back for one document (a writer faster than the
+/// relay): hand them to the repo as one ([`SyncFrame::absorb`]). Each
+/// connection's inputs keep their order; those of different connections are
+/// independent, and the batch is flushed as a whole anyway. Returns how many
+/// frames were absorbed into the one before.
+fn coalesce_sync_frames(inputs: &mut [Option<Input>]) -> u64 {
+    let mut frames: HashMap<ConnectionId, usize> = HashMap::new();
+    for input in inputs.iter().flatten() {
+        if let Input::Frame { id, .. } = input {
+            *frames.entry(*id).or_default() += 1;
+        }
+    }
+    if frames.values().all(|n| *n < 2) {
+        return 0;
+    }
+    let mut absorbed = 0;
+    for i in 0..inputs.len() {
+        let Some(Input::Frame { id, bytes }) = &inputs[i] else {
+            continue;
+        };
+        let id = *id;
+        if frames[&id] < 2 {
+            continue;
+        }
+        let Some(mut first) = SyncFrame::decode(bytes) else {
+            continue;
+        };
+        let mut taken = 0;
+        for later in inputs.iter_mut().skip(i + 1) {
+            let next = match later {
+                Some(Input::Frame { id: other, bytes }) if *other == id => SyncFrame::decode(bytes),
+                Some(Input::Opened { id: other, .. } | Input::Closed { id: other })
+                    if *other == id =>
+                {
+                    None
+                }
+                Some(Input::Shutdown) => None,
+                _ => continue,
+            };
+            if next.is_some_and(|n| first.absorb(n)) {
+                *later = None;
+                taken += 1;
+            } else {
+                break;
+            }
+        }
+        if taken > 0 {
+            inputs[i] = Some(Input::Frame {
+                id,
+                bytes: first.encode(),
+            });
+            absorbed += taken;
+        }
+    }
+    absorbed
 }
 
 fn route<S: Storage>(repo: &mut Repo<S>, ctx: &mut Ctx) {
@@ -566,6 +731,155 @@ fn route<S: Storage>(repo: &mut Repo<S>, ctx: &mut Ctx) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_engine::automerge::ROOT;
+    use tandem_engine::automerge::transaction::Transactable;
+    use tandem_engine::{MemoryStorage, RepoConfig, ServeOnRequest, ShareAll};
+
+    fn repo(name: &str, serve: bool) -> Repo<MemoryStorage> {
+        let config = RepoConfig::new(PeerId::new(name));
+        if serve {
+            Repo::open(MemoryStorage::new(), config, ServeOnRequest).unwrap()
+        } else {
+            Repo::open(MemoryStorage::new(), config, ShareAll).unwrap()
+        }
+    }
+
+    fn sends(repo: &mut Repo<MemoryStorage>) -> Vec<Vec<u8>> {
+        repo.flush().unwrap();
+        repo.drain_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send { frame, .. } => Some(frame),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Sync data (automerge's message) of each sync frame in `frames`.
+    fn sync_data(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        frames
+            .iter()
+            .filter_map(|f| match protocol::Message::decode(f).unwrap() {
+                protocol::Message::Sync { data, .. } => Some(data),
+                _ => None,
+            })
+            .collect()
+    }
+
+    type WriterAndHubs = (
+        Repo<MemoryStorage>,
+        [Repo<MemoryStorage>; 2],
+        DocumentId,
+        Vec<Vec<u8>>,
+    );
+
+    /// A writer synced with two relays in the same state, and `n` more
+    /// changes it made one flush at a time: the frames it sent for each.
+    fn writer_and_two_hubs(n: usize) -> WriterAndHubs {
+        let (w_conn, h_conn) = (ConnectionId(1), ConnectionId(7));
+        let mut w = repo("writer", false);
+        let mut hubs = [repo("hub", true), repo("hub", true)];
+        w.connect(w_conn, Direction::Outgoing).unwrap();
+        for h in &mut hubs {
+            h.connect(h_conn, Direction::Incoming).unwrap();
+        }
+        let doc = w.create().unwrap();
+        w.change(&doc, |d| d.put(ROOT, "v", 0)).unwrap();
+        // The writer talks to hub 0; hub 1 gets the same frames.
+        for _ in 0..10 {
+            let frames = sends(&mut w);
+            if frames.is_empty() {
+                break;
+            }
+            for f in &frames {
+                for h in &mut hubs {
+                    h.receive(0, h_conn, f).unwrap();
+                }
+            }
+            let replies = sends(&mut hubs[0]);
+            sends(&mut hubs[1]);
+            for f in &replies {
+                w.receive(0, w_conn, f).unwrap();
+            }
+        }
+        assert!(w.is_acknowledged(w_conn, &doc).unwrap());
+        let mut frames = Vec::new();
+        for i in 1..=n {
+            w.change(&doc, |d| d.put(ROOT, "v", i as i64)).unwrap();
+            let mut sent = sends(&mut w);
+            assert_eq!(sent.len(), 1);
+            frames.append(&mut sent);
+        }
+        (w, hubs, doc, frames)
+    }
+
+    fn frame(id: u64, bytes: &[u8]) -> Option<Input> {
+        Some(Input::Frame {
+            id: ConnectionId(id),
+            bytes: bytes.to_vec(),
+        })
+    }
+
+    /// Three changes sent back to back and handed over as one leave the
+    /// relay as the three one by one do: same heads, same answer.
+    #[test]
+    fn back_to_back_changes_are_handed_over_as_one_with_the_same_outcome() {
+        let (_w, [mut a, mut b], doc, frames) = writer_and_two_hubs(3);
+        let h_conn = ConnectionId(7);
+        for f in &frames {
+            a.receive(0, h_conn, f).unwrap();
+        }
+        let mut inputs: Vec<Option<Input>> = frames.iter().map(|f| frame(7, f)).collect();
+        assert_eq!(coalesce_sync_frames(&mut inputs), 2);
+        let merged: Vec<Input> = inputs.into_iter().flatten().collect();
+        assert_eq!(merged.len(), 1);
+        for input in merged {
+            let Input::Frame { id, bytes } = input else {
+                panic!("not a frame");
+            };
+            b.receive(0, id, &bytes).unwrap();
+        }
+        assert_eq!(a.heads(&doc).unwrap(), b.heads(&doc).unwrap());
+        let (to_a, to_b) = (sends(&mut a), sends(&mut b));
+        assert!(!to_a.is_empty());
+        assert_eq!(sync_data(&to_a), sync_data(&to_b));
+    }
+
+    /// Only a connection's consecutive sync frames merge: frames of other
+    /// connections in between are kept (and keep their place), anything
+    /// else from the same connection (here its close) ends the run.
+    #[test]
+    fn coalescing_keeps_each_connection_in_order() {
+        let (_w, _hubs, _doc, frames) = writer_and_two_hubs(4);
+        let other = b"not a sync frame".to_vec();
+        let mut inputs = vec![
+            frame(7, &frames[0]),
+            frame(8, &other),
+            frame(7, &frames[1]),
+            frame(8, &frames[2]),
+            Some(Input::Closed {
+                id: ConnectionId(7),
+            }),
+            frame(7, &frames[3]),
+        ];
+        assert_eq!(coalesce_sync_frames(&mut inputs), 1);
+        let kept: Vec<(u64, usize)> = inputs
+            .iter()
+            .map(|i| match i {
+                Some(Input::Frame { id, bytes }) => (id.0, bytes.len()),
+                Some(Input::Closed { id }) => (id.0, 0),
+                _ => (0, 0),
+            })
+            .collect();
+        assert_eq!(kept[1], (8, other.len()));
+        assert_eq!(kept[2], (0, 0), "absorbed into the first");
+        assert_eq!(kept[3], (8, frames[2].len()));
+        assert_eq!(kept[4], (7, 0));
+        assert_eq!(kept[5], (7, frames[3].len()), "after the close: kept");
+        // A frame that is not a sync message with changes ends a run too.
+        let mut inputs = vec![frame(7, &frames[0]), frame(7, &other), frame(7, &frames[1])];
+        assert_eq!(coalesce_sync_frames(&mut inputs), 0);
+    }
 
     /// Each connection's task is allocated (and written) at the size of the
     /// largest state of `connection`, so a big local on a rare path costs

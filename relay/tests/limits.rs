@@ -102,6 +102,60 @@ async fn a_slow_reader_is_dropped_and_does_not_slow_the_others() {
     }
 }
 
+/// With flow control, a reader that never answers is sent at most one
+/// message per window timeout: it still reaches its bound and is dropped,
+/// and the others get every change.
+#[tokio::test]
+async fn with_a_sync_window_a_slow_reader_is_still_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = Arc::new(RelayStats::default());
+    let config = RelayConfig {
+        outbound_queue: 4,
+        stats: stats.clone(),
+        ..RelayConfig::default()
+    };
+    let repo = tandem_engine::Repo::open(
+        tandem_engine::RedbStorage::open(dir.path().join("relay.redb")).unwrap(),
+        tandem_engine::RepoConfig {
+            sync_window: 1,
+            sync_window_timeout: 20,
+            ..tandem_engine::RepoConfig::new(tandem_engine::PeerId::new("relay"))
+        },
+        ServeOnRequest,
+    )
+    .unwrap();
+    let relay = start(repo, config).await;
+    let (doc, mut clients) = shared_doc(&relay.url, &["writer", "fast", "slow"], true).await;
+    let _slow = clients.pop().unwrap(); // subscribed, and from now on never reads
+    let mut fast = clients.pop().unwrap();
+    let mut writer = clients.pop().unwrap();
+    for i in 1..=400 {
+        writer
+            .repo
+            .change(&doc, |d| {
+                d.put(ROOT, "blob", noise(i as u64, 64 * 1024))?;
+                d.put(ROOT, "n", i)
+            })
+            .unwrap();
+        writer
+            .until("the relay to store the change", |r| acked(r, &doc))
+            .await;
+        fast.run_for(Duration::from_millis(5)).await;
+        if stats.slow_readers() > 0 {
+            break;
+        }
+    }
+    assert!(
+        stats.slow_readers() > 0,
+        "the slow reader was never dropped"
+    );
+    let last = value(&mut writer.repo, &doc).unwrap();
+    fast.until("every change at the fast reader", |r| {
+        value(r, &doc) == Some(last)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn idle_connections_close_and_pinged_ones_stay() {
     let dir = tempfile::tempdir().unwrap();

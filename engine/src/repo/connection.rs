@@ -1,10 +1,11 @@
 //! Per-connection protocol state.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use automerge::sync;
+use automerge::{ChangeHash, sync};
 
 use crate::policy::Access;
+use crate::repo::Millis;
 use crate::{DocumentId, PeerInfo, StorageId};
 
 /// Which side opened the connection.
@@ -30,6 +31,11 @@ pub(crate) struct PeerDoc {
     pub(crate) access: Access,
     /// The peer has sent us a sync message for this document.
     pub(crate) received: bool,
+    /// Our heads as of each message with changes the peer has not answered
+    /// yet, oldest first (flow control: [`crate::RepoConfig::sync_window`]).
+    pub(crate) in_flight: VecDeque<Vec<ChangeHash>>,
+    /// When we last sent it a message with changes.
+    pub(crate) last_sent: Millis,
 }
 
 impl PeerDoc {
@@ -41,6 +47,28 @@ impl PeerDoc {
             sync,
             access,
             received: false,
+            in_flight: VecDeque::new(),
+            last_sent: 0,
+        }
+    }
+
+    /// The peer answered (its sync state has just taken in its message):
+    /// forget the messages it has now acknowledged, that is all of them once
+    /// it has every change we sent, else those whose heads it names.
+    pub(crate) fn answered(&mut self) {
+        if self.sync.sent_hashes.is_empty() {
+            self.in_flight.clear();
+            return;
+        }
+        let Some(theirs) = &self.sync.their_heads else {
+            return;
+        };
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|ours| ours.iter().all(|h| theirs.contains(h)))
+        {
+            self.in_flight.pop_front();
         }
     }
 }

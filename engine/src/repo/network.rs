@@ -1,10 +1,11 @@
 //! The protocol side of the repo: connections, the handshake, and every
 //! message a peer can send.
 
+use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use automerge::AutomergeError;
 use automerge::sync::{self, SyncDoc};
+use automerge::{AutomergeError, ChangeHash};
 
 use super::connection::{ConnState, Connection, PeerDoc};
 use super::{Direction, Event, Millis, Output, Repo, load_sync_state, put_sync_state};
@@ -445,15 +446,42 @@ impl<S: Storage> Repo<S> {
         let before_shared = pd.sync.shared_heads.clone();
         let before_theirs = pd.sync.their_heads.clone();
         let before_last_sent = pd.sync.last_sent_heads.clone();
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let before = loaded.doc.get_heads();
-            loaded
-                .doc
-                .sync()
-                .receive_sync_message(&mut pd.sync, message)?;
-            let after = loaded.doc.get_heads();
-            Ok::<_, AutomergeError>((after != before).then_some((before, after)))
-        }));
+        // A message without changes leaves the document as it is, and what
+        // it does to the sync state depends only on the document, the state
+        // and the message: peers in step (readers acknowledging the same
+        // change) send the same message from the same state, so it is
+        // applied once and the resulting state copied.
+        let memo = (!brings_changes).then(|| {
+            let heads = loaded.doc.get_heads();
+            let key = (doc, super::state_hash((&pd.sync, data)));
+            let after = self.received.find(&key, &heads, &pd.sync, data);
+            (key, heads, after)
+        });
+        let result = match memo {
+            Some((_, _, Some(after))) => {
+                pd.sync = after;
+                Ok(Ok(None))
+            }
+            _ => {
+                let before_state = memo.is_some().then(|| pd.sync.clone());
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    let before = loaded.doc.get_heads();
+                    loaded
+                        .doc
+                        .sync()
+                        .receive_sync_message(&mut pd.sync, message)?;
+                    let after = loaded.doc.get_heads();
+                    Ok::<_, AutomergeError>((after != before).then_some((before, after)))
+                }));
+                if let (Ok(Ok(None)), Some((key, heads, _)), Some(before)) =
+                    (&result, memo, before_state)
+                {
+                    self.received
+                        .insert(key, heads, before, data, pd.sync.clone());
+                }
+                result
+            }
+        };
         let changed = match result {
             Ok(Ok(changed)) => {
                 // A message without changes whose heads equal ours makes
@@ -492,7 +520,12 @@ impl<S: Storage> Repo<S> {
                 ),
             }));
         }
-        let pd = &self.conns[&cid].docs[&doc];
+        let pd = self
+            .conns
+            .get_mut(&cid)
+            .and_then(|c| c.docs.get_mut(&doc))
+            .expect("ready connection");
+        pd.answered();
         if pd.sync.shared_heads != before_shared {
             self.sync_state_dirty.insert((cid, doc));
         }
@@ -508,6 +541,10 @@ impl<S: Storage> Repo<S> {
         self.to_sync.insert((cid, doc));
         if their_heads != before_theirs
             && let (Some(sid), Some(heads)) = (&peer.storage_id, their_heads)
+            && self
+                .conns
+                .iter()
+                .any(|(c, conn)| *c != cid && conn.remote_subs.contains(sid))
         {
             let new_heads = vec![RemoteHeads {
                 storage_id: sid.clone(),
@@ -668,4 +705,65 @@ fn chunks_well_formed(mut bytes: &[u8]) -> bool {
         bytes = &bytes[end..];
     }
     true
+}
+
+/// Sync messages without changes already received, per document and hash
+/// of (state, message): the heads the document had, the state before, the
+/// message and the state after. Valid while the document keeps those heads;
+/// cleared whenever a flush writes documents, and kept small.
+#[derive(Default)]
+pub(super) struct ReceivedMemo {
+    entries: HashMap<(DocumentId, u64), Vec<Received>>,
+    len: usize,
+}
+
+struct Received {
+    heads: Vec<ChangeHash>,
+    before: sync::State,
+    data: Vec<u8>,
+    after: sync::State,
+}
+
+impl ReceivedMemo {
+    /// Most entries kept; beyond, the memo starts over.
+    const MAX: usize = 4096;
+
+    fn find(
+        &self,
+        key: &(DocumentId, u64),
+        heads: &[ChangeHash],
+        before: &sync::State,
+        data: &[u8],
+    ) -> Option<sync::State> {
+        self.entries
+            .get(key)?
+            .iter()
+            .find(|r| r.heads == heads && r.before == *before && r.data == data)
+            .map(|r| r.after.clone())
+    }
+
+    fn insert(
+        &mut self,
+        key: (DocumentId, u64),
+        heads: Vec<ChangeHash>,
+        before: sync::State,
+        data: &[u8],
+        after: sync::State,
+    ) {
+        if self.len >= Self::MAX {
+            self.clear();
+        }
+        self.len += 1;
+        self.entries.entry(key).or_default().push(Received {
+            heads,
+            before,
+            data: data.to_vec(),
+            after,
+        });
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.entries.clear();
+        self.len = 0;
+    }
 }

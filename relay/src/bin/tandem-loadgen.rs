@@ -11,9 +11,11 @@
 //! # Fan-out
 //!
 //! One writer and N readers, each an automerge-repo client (the engine's
-//! `Repo<MemoryStorage>` over tokio-tungstenite, one tokio task each), on one
-//! document of any automerge-repo v1 sync server (Tandem's relay, the Node
-//! sync server, ...). The writer creates the document and waits until the
+//! `Repo<MemoryStorage>` over tokio-tungstenite), on one document of any
+//! automerge-repo v1 sync server (Tandem's relay, the Node sync server, ...).
+//! The readers are one tokio task each; the writer runs on a thread of its
+//! own, so that neither its pace nor its send times depend on how busy the
+//! readers are. The writer creates the document and waits until the
 //! server has stored it; the readers request it. Then, per phase, the writer
 //! puts `v` (a sequence number) and `t` (its send time, Unix microseconds) in
 //! one change at a time:
@@ -23,7 +25,9 @@
 //!
 //! After each phase it waits up to `--drain-secs` for every reader to see the
 //! last value. Readers record each distinct value of `v` they observe and its
-//! latency (observation time minus `t`: the same machine's clock).
+//! latency (observation time minus `t`: the same machine's clock), and, as a
+//! diagnostic, when the frame that brought it was read off the socket (the
+//! rest is the reader's own queue and apply).
 //!
 //! With `--server-pid` the server's CPU time and RSS are sampled from /proc
 //! every 500 ms. `--json` prints the report as JSON.
@@ -132,7 +136,8 @@ fn now_us() -> i64 {
 struct Client {
     repo: Repo<MemoryStorage>,
     sink: SplitSink<Socket, Ws>,
-    frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    /// Frames read from the socket, with when they were read (Unix µs).
+    frames: mpsc::UnboundedReceiver<(i64, Vec<u8>)>,
     /// The server answered `join` with `peer`.
     ready: bool,
     /// The server said it does not have a document we asked for.
@@ -175,7 +180,7 @@ impl Client {
             while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, stream.next()).await {
                 match msg {
                     Ok(Ws::Binary(b)) => {
-                        if tx.send(b.to_vec()).is_err() {
+                        if tx.send((now_us(), b.to_vec())).is_err() {
                             break;
                         }
                     }
@@ -256,7 +261,7 @@ impl Client {
     }
 
     /// Wait for the next frame (or `until`); false once the socket is gone.
-    async fn next_frame(&mut self, until: Instant) -> Option<Vec<u8>> {
+    async fn next_frame(&mut self, until: Instant) -> Option<(i64, Vec<u8>)> {
         match tokio::time::timeout_at(until.min(self.deadline), self.frames.recv()).await {
             Ok(Some(f)) => Some(f),
             Ok(None) => {
@@ -286,9 +291,9 @@ impl Client {
             if Instant::now() >= until {
                 bail!("the server did not store the new document in time");
             }
-            if let Some(f) = self.next_frame(until).await {
+            if let Some((_, f)) = self.next_frame(until).await {
                 self.receive(&f);
-                while let Ok(f) = self.frames.try_recv() {
+                while let Ok((_, f)) = self.frames.try_recv() {
                     self.receive(&f);
                 }
                 self.pump().await;
@@ -306,9 +311,9 @@ impl Client {
             {
                 return false;
             }
-            if let Some(f) = self.next_frame(until).await {
+            if let Some((_, f)) = self.next_frame(until).await {
                 self.receive(&f);
-                while let Ok(f) = self.frames.try_recv() {
+                while let Ok((_, f)) = self.frames.try_recv() {
                     self.receive(&f);
                 }
                 self.pump().await;
@@ -383,7 +388,7 @@ impl Writer {
     /// Take every frame that is ready, then flush and send.
     async fn handle_ready(&mut self) {
         let mut any = false;
-        while let Ok(f) = self.client.frames.try_recv() {
+        while let Ok((_, f)) = self.client.frames.try_recv() {
             self.client.receive(&f);
             any = true;
         }
@@ -406,7 +411,7 @@ impl Writer {
                         break;
                     }
                     while Instant::now() < due {
-                        if let Some(f) = self.client.next_frame(due).await {
+                        if let Some((_, f)) = self.client.next_frame(due).await {
                             self.client.receive(&f);
                             self.handle_ready().await;
                         }
@@ -447,7 +452,7 @@ impl Writer {
                     None => break,
                 },
                 f = self.client.frames.recv() => match f {
-                    Some(f) => {
+                    Some((_, f)) => {
                         self.client.receive(&f);
                         self.handle_ready().await;
                     }
@@ -463,6 +468,57 @@ impl Writer {
     }
 }
 
+/// The writer, on a thread of its own with its own (single-threaded)
+/// runtime: in the shared runtime it would take its turn behind every
+/// reader with a frame to handle, so "as fast as it can" would mean as fast
+/// as the readers let it, and the send times of the rate phase would jitter
+/// with their load. It connects, creates the document (sent on `doc`), runs
+/// the phases it is sent, and closes when `cmds` closes.
+fn spawn_writer(
+    url: String,
+    deadline: Instant,
+    setup_end: Instant,
+    cmds: mpsc::Receiver<WriterCmd>,
+    doc: oneshot::Sender<Result<DocumentId>>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("loadgen-writer".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let setup = async {
+                    let mut client =
+                        Client::connect(&url, "loadgen-writer".into(), deadline).await?;
+                    let t = now_us();
+                    let id = client
+                        .create_stored(setup_end, |d| {
+                            d.put(ROOT, "v", 0u64)?;
+                            d.put(ROOT, "t", t)
+                        })
+                        .await?;
+                    anyhow::Ok((client, id))
+                };
+                let (client, id) = match setup.await {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        let _ = doc.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = doc.send(Ok(id));
+                let writer = Writer {
+                    client,
+                    doc: id,
+                    seq: 0,
+                };
+                writer.run(cmds).await.close().await;
+            });
+        })?;
+    Ok(thread)
+}
+
 // ---- the readers ---------------------------------------------------------
 
 /// One distinct value a reader observed.
@@ -470,6 +526,8 @@ impl Writer {
 struct Seen {
     v: u64,
     sent_us: i64,
+    /// When the frame that brought it was read from the socket.
+    arrived_us: i64,
     seen_us: i64,
 }
 
@@ -490,7 +548,7 @@ async fn reader(
 ) -> ReaderReport {
     let mut seen = Vec::new();
     let mut last: Option<u64> = None;
-    let mut observe = |client: &mut Client, f: &[u8]| {
+    let mut observe = |client: &mut Client, arrived_us: i64, f: &[u8]| {
         client.receive(f);
         if let Some((v, t)) = read_vt(&mut client.repo, &doc)
             && last.is_none_or(|l| v > l)
@@ -499,6 +557,7 @@ async fn reader(
             seen.push(Seen {
                 v,
                 sent_us: t,
+                arrived_us,
                 seen_us: now_us(),
             });
             progress.store(v + 1, Ordering::Release);
@@ -512,10 +571,10 @@ async fn reader(
         tokio::select! {
             _ = stop.changed() => break,
             f = client.frames.recv() => match f {
-                Some(f) => {
-                    observe(&mut client, &f);
-                    while let Ok(f) = client.frames.try_recv() {
-                        observe(&mut client, &f);
+                Some((at, f)) => {
+                    observe(&mut client, at, &f);
+                    while let Ok((at, f)) = client.frames.try_recv() {
+                        observe(&mut client, at, &f);
                     }
                     client.pump().await;
                 }
@@ -646,6 +705,7 @@ fn phase_stats(
     let secs = (sent.end_us - sent.start_us) as f64 / 1e6;
     let mut distinct: Vec<u64> = Vec::new();
     let mut latencies: Vec<i64> = Vec::new();
+    let mut arrivals: Vec<i64> = Vec::new();
     let mut rates: Vec<f64> = Vec::new();
     let mut windows: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     let window_us = (window_secs * 1e6) as i64;
@@ -659,6 +719,7 @@ fn phase_stats(
         for s in &mine {
             let lat = s.seen_us - s.sent_us;
             latencies.push(lat);
+            arrivals.push(s.arrived_us - s.sent_us);
             windows
                 .entry((s.sent_us - sent.start_us) / window_us)
                 .or_default()
@@ -675,6 +736,7 @@ fn phase_stats(
     }
     distinct.sort_unstable();
     latencies.sort_unstable();
+    arrivals.sort_unstable();
     rates.sort_by(f64::total_cmp);
     let pct_of = |d: Option<u64>| {
         d.map_or(Value::Null, |d| {
@@ -713,6 +775,12 @@ fn phase_stats(
             "p99": ms(pct(&latencies, 99.0)),
             "max": ms(latencies.last().copied()),
         },
+        // Diagnostic: send to the frame's arrival at the reader's socket
+        // task (the rest of the latency is the reader's own queue and apply).
+        "arrival_ms": {
+            "p50": ms(pct(&arrivals, 50.0)),
+            "p99": ms(pct(&arrivals, 99.0)),
+        },
         "delivered_per_reader_per_sec": {
             "min": rates.first().map(|r| round1(*r)),
             "median": pct(&rates, 50.0).map(round1),
@@ -740,24 +808,13 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
     let setup_start = now_us();
 
     // The writer creates the document and waits until the server stored it.
-    let mut client = Client::connect(url, "loadgen-writer".into(), deadline).await?;
-    let t = now_us();
-    let doc = client
-        .create_stored(setup_end, |d| {
-            d.put(ROOT, "v", 0u64)?;
-            d.put(ROOT, "t", t)
-        })
-        .await
-        .with_context(|| format!("writer setup (within {} s)", args.setup_secs))?;
     let (writer_tx, writer_rx) = mpsc::channel(1);
-    let writer = tokio::spawn(
-        Writer {
-            client,
-            doc,
-            seq: 0,
-        }
-        .run(writer_rx),
-    );
+    let (doc_tx, doc_rx) = oneshot::channel();
+    let writer = spawn_writer(url.to_owned(), deadline, setup_end, writer_rx, doc_tx)?;
+    let doc = doc_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the writer ended during setup"))?
+        .with_context(|| format!("writer setup (within {} s)", args.setup_secs))?;
 
     // Readers connect and request the document.
     let mut connecting = Vec::new();
@@ -837,13 +894,14 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
     for r in readers {
         reports.push(r.await?);
     }
-    let writer = writer.await?;
+    tokio::task::spawn_blocking(move || writer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the writer panicked"))?;
     let server_samples = match server_sampler {
         Some(s) => s.await?,
         None => Vec::new(),
     };
     let client_samples = client_sampler.await?;
-    writer.close().await;
 
     let disconnected: Vec<Value> = reports
         .iter()
@@ -905,6 +963,8 @@ const ROWS: &[(&str, &str)] = &[
     ("latency p50 (ms)", "/latency_ms/p50"),
     ("latency p99 (ms)", "/latency_ms/p99"),
     ("latency max (ms)", "/latency_ms/max"),
+    ("arrival at socket p50 (ms)", "/arrival_ms/p50"),
+    ("arrival at socket p99 (ms)", "/arrival_ms/p99"),
     (
         "delivered/s per reader (median)",
         "/delivered_per_reader_per_sec/median",
