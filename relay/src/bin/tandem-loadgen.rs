@@ -168,7 +168,13 @@ impl Client {
             .await
             .context("timed out connecting")?
             .with_context(|| format!("cannot connect to {url}"))?;
-        Self::over(ws, RepoConfig::new(PeerId::new(name)), deadline).await
+        let mut config = RepoConfig::new(PeerId::new(name));
+        // A client here only measures: it never compacts its in-memory
+        // store. Compaction re-encodes the whole document, and every reader
+        // reaches the threshold at the same change, so all of them would
+        // stall together (the 100/s phase did at about its 430th change).
+        config.documents.compaction_min_bytes = usize::MAX;
+        Self::over(ws, config, deadline).await
     }
 
     /// A client on an open WebSocket: sends `join` at once.
