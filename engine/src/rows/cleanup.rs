@@ -194,10 +194,9 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
             let mut batch = WriteBatch::new();
             for id in docs {
                 if self.repo_mut().contains(&id)?
-                    && self.repo_mut().view(&id, |d| {
-                        let st = document::state(d, &At(None));
-                        st.key.is_some() && st.deleted.is_some()
-                    })?
+                    && self
+                        .repo_mut()
+                        .view(&id, |d| document::state(d, &At(None)).deleted_row())?
                 {
                     batch.put(tomb_key(&id), Vec::new());
                 }

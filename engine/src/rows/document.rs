@@ -222,6 +222,11 @@ impl RowState {
     pub fn live(&self) -> bool {
         self.table.is_some() && self.deleted.is_none()
     }
+
+    /// A row flagged deleted: what cleanup tracks acknowledgements for.
+    pub fn deleted_row(&self) -> bool {
+        self.key.is_some() && self.deleted.is_some()
+    }
 }
 
 pub(crate) fn state(doc: &Automerge, at: &At<'_>) -> RowState {

@@ -212,8 +212,7 @@ impl SyncLink {
             // Both sides now hold the same heads; note deleted rows, reading
             // the side that has the document in memory.
             let is_deleted = |d: &automerge::Automerge| {
-                let st = document::state(d, &At(None));
-                (st.key.is_some() && st.deleted.is_some(), d.get_heads())
+                (document::state(d, &At(None)).deleted_row(), d.get_heads())
             };
             let (is_deleted, heads) = if copied_to_b {
                 b.repo_mut().view(&id, is_deleted)?
