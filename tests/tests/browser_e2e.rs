@@ -25,7 +25,7 @@ use relay::start_relay_with;
 
 #[path = "support/process.rs"]
 mod process;
-use process::{root, run_limited, with_playwright};
+use process::{build_sh, root, run_limited, with_playwright};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,20 +39,7 @@ const BUILD_LIMIT: Duration = Duration::from_secs(40 * 60);
 /// Build wasm/pkg (incremental after the first time); installs the
 /// toolchain pieces it can (wasm/build.sh).
 fn build_package() {
-    let mut command = Command::new("bash");
-    command
-        .arg(root().join("wasm/build.sh"))
-        .current_dir(root())
-        // The outer `cargo test` may set these for itself; the wasm build
-        // chooses its own compiler and target dir.
-        .env_remove("RUSTC")
-        .env_remove("RUSTDOC")
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS");
-    let output = run_limited(command, "wasm/build.sh", BUILD_LIMIT);
+    let output = build_sh(&[], BUILD_LIMIT);
     eprintln!("{}", output.trim());
 }
 

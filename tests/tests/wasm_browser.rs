@@ -21,7 +21,7 @@ use relay::start_relay_with;
 
 #[path = "support/process.rs"]
 mod process;
-use process::{root, run_limited, with_playwright};
+use process::{build_sh, root, run_limited, with_playwright};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,25 +40,6 @@ const GZIP_BUDGET: u64 = 500_000;
 
 fn pkg() -> PathBuf {
     root().join("wasm/pkg")
-}
-
-/// Run `wasm/build.sh args` within `limit`.
-fn build_sh(args: &[&str], limit: Duration) -> String {
-    let mut command = Command::new("bash");
-    command
-        .arg(root().join("wasm/build.sh"))
-        .args(args)
-        .current_dir(root())
-        // The outer `cargo test` may set these for itself; the wasm build
-        // chooses its own compiler and target dir.
-        .env_remove("RUSTC")
-        .env_remove("RUSTDOC")
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS");
-    run_limited(command, &format!("wasm/build.sh {}", args.join(" ")), limit)
 }
 
 /// Tests in this file share one build; they take turns.

@@ -97,3 +97,23 @@ pub fn with_playwright(rel: &str) -> PathBuf {
     }
     dir
 }
+
+/// Run `wasm/build.sh args` within `limit`.
+pub fn build_sh(args: &[&str], limit: Duration) -> String {
+    let mut command = Command::new("bash");
+    command
+        .arg(root().join("wasm/build.sh"))
+        .args(args)
+        .current_dir(root())
+        // The outer `cargo test` may set these for itself; the wasm build
+        // chooses its own compiler and target dir.
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    let what = format!("wasm/build.sh {}", args.join(" "));
+    run_limited(command, what.trim_end(), limit)
+}
