@@ -71,7 +71,7 @@ async function openPage(store) {
   page.on("console", (m) => { if (m.type() !== "log") console.error(`[${store} ${m.type()}] ${m.text()}`); });
   page.on("pageerror", (e) => console.error(`[${store} page error] ${e.message}`));
   await page.goto(`${origin}/examples/browser/?relay=${encodeURIComponent(args.relay)}&store=${store}`);
-  await page.waitForFunction(() => window.demo?.ready === true, null, { timeout: 30_000 });
+  await page.waitForFunction(() => window.demo?.ready === true, null, { timeout: 60_000 });
   return page;
 }
 
@@ -152,7 +152,7 @@ try {
 
   // 3. B reloads: its offline edits come back from IndexedDB, still offline.
   await b.reload();
-  await b.waitForFunction(() => window.demo?.ready === true, null, { timeout: 30_000 });
+  await b.waitForFunction(() => window.demo?.ready === true, null, { timeout: 60_000 });
   report.afterReload = await until("B's task after the reload", () => shown(b, key));
   report.stateAfterReload = await state(b);
   log("B after reload", report.afterReload, report.stateAfterReload);

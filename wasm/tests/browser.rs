@@ -362,6 +362,21 @@ async fn a_store_is_open_in_one_place_at_a_time() {
     Tandem::delete_store(name).await.unwrap();
 }
 
+/// A page that reloads opens its store while the old page is still
+/// releasing it: the second open waits for the release instead of failing.
+#[wasm_bindgen_test]
+async fn an_open_waits_for_a_holder_that_closes_soon() {
+    let name = unique_name("handover");
+    let first = Tandem::open(name.clone(), None).await.unwrap();
+    wasm_bindgen_futures::spawn_local(async move {
+        sleep(300).await;
+        JsFuture::from(first.close().unwrap()).await.unwrap();
+    });
+    let second = Tandem::open(name.clone(), None).await.unwrap();
+    JsFuture::from(second.close().unwrap()).await.unwrap();
+    Tandem::delete_store(name).await.unwrap();
+}
+
 // ---- the connection -------------------------------------------------------------
 
 /// Nothing listens on 127.0.0.1:39: the client reports each state,
