@@ -34,6 +34,15 @@ pub(crate) struct Loaded {
     received: Option<Vec<u8>>,
 }
 
+/// A document received whole and not parsed.
+struct Unloaded {
+    bytes: Vec<u8>,
+    /// Its heads, read from the chunks' headers.
+    heads: Vec<ChangeHash>,
+    /// One document chunk (stored as a snapshot), or change chunks.
+    snapshot: bool,
+}
+
 /// What a flush wrote for one document, applied to memory once durable.
 pub(crate) struct SavePlan {
     document: DocumentId,
@@ -103,6 +112,10 @@ pub(crate) struct Documents<S> {
     pub(crate) storage: S,
     config: DocumentsConfig,
     loaded: HashMap<DocumentId, Loaded>,
+    /// Whole documents received as bytes (copies from another store) and
+    /// not parsed yet: stored as they are at the next flush, and loaded only
+    /// if used before then.
+    unloaded: HashMap<DocumentId, Unloaded>,
     quarantined: HashMap<DocumentId, String>,
     clock: u64,
 }
@@ -113,6 +126,7 @@ impl<S: Storage> Documents<S> {
             storage,
             config,
             loaded: HashMap::new(),
+            unloaded: HashMap::new(),
             quarantined: HashMap::new(),
             clock: 0,
         }
@@ -137,6 +151,7 @@ impl<S: Storage> Documents<S> {
     /// Drop the document from memory and refuse it until released.
     pub(crate) fn quarantine(&mut self, id: DocumentId, reason: String) {
         self.loaded.remove(&id);
+        self.unloaded.remove(&id);
         self.quarantined.insert(id, reason);
     }
 
@@ -147,12 +162,13 @@ impl<S: Storage> Documents<S> {
     /// Drop the document from memory, unsaved changes included (purge).
     pub(crate) fn forget(&mut self, id: &DocumentId) {
         self.loaded.remove(id);
+        self.unloaded.remove(id);
         self.quarantined.remove(id);
     }
 
     /// Whether the document is in memory or in storage.
     pub(crate) fn exists(&self, id: &DocumentId) -> Result<bool, StorageError> {
-        if self.loaded.contains_key(id) {
+        if self.loaded.contains_key(id) || self.unloaded.contains_key(id) {
             return Ok(true);
         }
         Ok(!self.storage.scan(&doc_prefix(id), None, 1)?.is_empty())
@@ -160,7 +176,26 @@ impl<S: Storage> Documents<S> {
 
     /// Whether the document has changes in memory not yet written.
     pub(crate) fn is_dirty(&self, id: &DocumentId) -> bool {
-        self.loaded.get(id).is_some_and(|l| l.dirty)
+        self.unloaded.contains_key(id) || self.loaded.get(id).is_some_and(|l| l.dirty)
+    }
+
+    /// A document new to this store, received whole as `bytes` (one saved
+    /// document chunk if `snapshot`, otherwise change chunks), whose chunk
+    /// headers say `heads`: stored as it is at the next flush, parsed only
+    /// if used before then.
+    pub(crate) fn insert_unloaded(
+        &mut self,
+        id: DocumentId,
+        bytes: Vec<u8>,
+        heads: Vec<ChangeHash>,
+        snapshot: bool,
+    ) {
+        let unloaded = Unloaded {
+            bytes,
+            heads,
+            snapshot,
+        };
+        self.unloaded.insert(id, unloaded);
     }
 
     /// The document, new and empty until `bytes` were loaded into it, is
@@ -228,16 +263,64 @@ impl<S: Storage> Documents<S> {
         }
         self.clock += 1;
         if !self.loaded.contains_key(id) {
-            match self.load(id)? {
-                Some(loaded) => {
-                    self.loaded.insert(*id, loaded);
+            if let Some(unloaded) = self.unloaded.remove(id) {
+                let loaded = self.parse_received(id, unloaded)?;
+                self.loaded.insert(*id, loaded);
+            } else {
+                match self.load(id)? {
+                    Some(loaded) => {
+                        self.loaded.insert(*id, loaded);
+                    }
+                    None => return Ok(None),
                 }
-                None => return Ok(None),
             }
         }
         let entry = self.loaded.get_mut(id).expect("inserted above");
         entry.last_used = self.clock;
         Ok(Some(entry))
+    }
+
+    /// Parse a document received whole and not stored yet: it stays dirty,
+    /// to be stored as the received bytes at the next flush.
+    fn parse_received(&mut self, id: &DocumentId, unloaded: Unloaded) -> Result<Loaded, RepoError> {
+        let Unloaded { bytes, heads, .. } = unloaded;
+        let parsed = catch_unwind(AssertUnwindSafe(|| AutoCommit::load(&bytes)));
+        let doc = match parsed {
+            Ok(Ok(mut doc)) => {
+                if doc.get_heads() != heads {
+                    return Err(RepoError::CorruptDocument {
+                        document: *id,
+                        reason: "the received document's heads differ from its header's".into(),
+                    });
+                }
+                doc
+            }
+            Ok(Err(e)) => {
+                return Err(RepoError::CorruptDocument {
+                    document: *id,
+                    reason: e.to_string(),
+                });
+            }
+            Err(panic) => {
+                let reason = format!("automerge panicked while loading: {}", panic_message(panic));
+                self.quarantine(*id, reason.clone());
+                return Err(RepoError::Quarantined {
+                    document: *id,
+                    reason,
+                });
+            }
+        };
+        Ok(Loaded {
+            doc,
+            snapshot: None,
+            incrementals: Vec::new(),
+            incremental_bytes: 0,
+            dirty: true,
+            pinned: false,
+            last_used: self.clock,
+            saved: heads,
+            received: Some(bytes),
+        })
     }
 
     fn load(&mut self, id: &DocumentId) -> Result<Option<Loaded>, RepoError> {
@@ -311,6 +394,24 @@ impl<S: Storage> Documents<S> {
         let mut plans = Vec::new();
         let min = self.config.compaction_min_bytes;
         let ratio = self.config.compaction_ratio.max(1);
+        // Received whole and never parsed: stored as they are.
+        for (id, unloaded) in self.unloaded.drain() {
+            let bytes = unloaded.bytes.len();
+            let kind = if unloaded.snapshot {
+                let key = doc_key(&id, "snapshot", heads_hash(&unloaded.heads));
+                batch.put(key.clone(), unloaded.bytes);
+                SaveKind::Compacted { key, bytes }
+            } else {
+                let key = doc_key(
+                    &id,
+                    "incremental",
+                    hex::encode(Sha256::digest(&unloaded.bytes)),
+                );
+                batch.put(key.clone(), unloaded.bytes);
+                SaveKind::Incremental { key, bytes }
+            };
+            plans.push(SavePlan { document: id, kind });
+        }
         for (id, loaded) in self.loaded.iter_mut().filter(|(_, l)| l.dirty) {
             let mut chunk = loaded.received.take().unwrap_or_default();
             chunk.extend(loaded.doc.save_after(&loaded.saved));

@@ -70,6 +70,7 @@
 //! # Ok(()) }
 //! ```
 
+mod chunk;
 mod document_id;
 mod documents;
 pub mod error;

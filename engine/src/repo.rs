@@ -24,6 +24,7 @@ use automerge::{AutoCommit, Automerge, AutomergeError, ChangeHash};
 
 pub use self::connection::Direction;
 use self::connection::{ConnState, Connection, PeerDoc};
+use crate::chunk;
 use crate::documents::{Documents, DocumentsConfig, doc_prefix, panic_message};
 use crate::error::{RepoError, StorageError};
 use crate::feed::{ChangeFeed, FeedEvent, Origin, feed_key, last_seq, meta_key};
@@ -631,12 +632,33 @@ impl<S: Storage> Repo<S> {
     /// a replication link, for a store that lacks the document): the same
     /// rules as [`apply_changes`](Self::apply_changes), without decoding
     /// and applying the changes one by one.
+    ///
+    /// A document new to this store that arrives as one saved document, or
+    /// as saved changes that make up its whole history (what
+    /// [`stored_bytes`](Self::stored_bytes) returns), is not parsed at all:
+    /// the chunks' checksums are checked, its heads are read from their
+    /// headers for the change feed, and the bytes are stored as they are at
+    /// the next flush. Automerge parses it
+    /// on first use, like any stored document, and reports a corrupt one
+    /// then ([`RepoError::CorruptDocument`]).
     pub fn apply_document(
         &mut self,
         id: &DocumentId,
         bytes: &[u8],
         from: &PeerId,
     ) -> Result<bool, RepoError> {
+        if !self.docs.exists(id)? {
+            self.refuse_purged(id, from)?;
+            if let Some(header) = chunk::saved_header(bytes)
+                && !header.heads.is_empty()
+            {
+                let heads = header.heads;
+                self.docs
+                    .insert_unloaded(*id, bytes.to_vec(), heads.clone(), header.snapshot);
+                self.on_changed(*id, Origin::Remote(from.clone()), Vec::new(), heads, None);
+                return Ok(true);
+            }
+        }
         let new = self.open_for_remote(id, from)?;
         let changed = self
             .edit(
@@ -659,17 +681,23 @@ impl<S: Storage> Repo<S> {
     fn open_for_remote(&mut self, id: &DocumentId, from: &PeerId) -> Result<bool, RepoError> {
         let new = !self.docs.exists(id)?;
         if new {
-            if self.purge_marker(id)?.is_some() {
-                self.outputs
-                    .push_back(Output::Event(Event::PurgedDocumentUpdate {
-                        document: *id,
-                        peer_id: from.clone(),
-                    }));
-                return Err(RepoError::Purged(*id));
-            }
+            self.refuse_purged(id, from)?;
             self.insert_empty(*id);
         }
         Ok(new)
+    }
+
+    /// Refuse (and report) `from`'s changes to a document that was purged.
+    fn refuse_purged(&mut self, id: &DocumentId, from: &PeerId) -> Result<(), RepoError> {
+        if self.purge_marker(id)?.is_some() {
+            self.outputs
+                .push_back(Output::Event(Event::PurgedDocumentUpdate {
+                    document: *id,
+                    peer_id: from.clone(),
+                }));
+            return Err(RepoError::Purged(*id));
+        }
+        Ok(())
     }
 
     /// The heads of `id` that the store `storage_id` is known to have, from

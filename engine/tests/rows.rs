@@ -491,6 +491,56 @@ fn a_store_that_lacks_a_document_gets_it_whole_then_only_changes() {
     );
 }
 
+/// A copy is stored as the bytes received, its heads read from their
+/// chunk headers: a live row is not parsed until it is used, a deleted one
+/// is (its delete must be noted for cleanup), and either reads the same.
+#[test]
+fn a_copied_row_is_stored_without_being_parsed_until_used() {
+    let schema = TableSchema::new("tasks").text("notes");
+    let (mut a, _) = replica("a", &schema);
+    let (mut b, _) = replica("b", &schema);
+    a.table("tasks")
+        .insert("live", [("title", s("kept"))])
+        .unwrap();
+    a.table("tasks")
+        .splice_text("live", "notes", 0, 0, "hello")
+        .unwrap();
+    a.table("tasks")
+        .insert("gone", [("title", s("dropped"))])
+        .unwrap();
+    a.table("tasks").delete("gone").unwrap();
+    let live = a.table("tasks").document_id("live").unwrap();
+    let gone = a.table("tasks").document_id("gone").unwrap();
+    let run = SyncLink::new("a-b").run(&mut a, &mut b).unwrap();
+    assert!(run.copied.0 >= 2, "{run:?}");
+
+    assert!(!b.repo().is_loaded(&live), "a live row copy is not parsed");
+    assert!(b.repo().is_loaded(&gone), "a deleted row copy is read");
+    // b's feed has the copy with a's heads, as a remote commit from a.
+    let a_heads = a.repo_mut().heads(&live).unwrap();
+    let feed = b.repo_mut().feed().read(Cursor::START, 1000).unwrap();
+    let entry = feed.iter().find(|e| e.document == live).expect("feed entry");
+    assert_eq!(entry.heads, a_heads);
+    assert!(entry.before.is_empty());
+    assert!(matches!(&entry.origin, Origin::Remote(p) if p.as_str() == "a"));
+    // Used, it reads as on a.
+    let row = b.table("tasks").get("live").unwrap().unwrap();
+    assert_eq!(row.get("title"), Some(&s("kept")));
+    assert_eq!(row.get("notes"), Some(&s("hello")));
+    assert_eq!(b.repo_mut().heads(&live).unwrap(), a_heads);
+    assert_eq!(b.table("tasks").get("gone").unwrap(), None);
+    // The delete both now hold is acknowledged: cleanup purges it on both.
+    assert_eq!(a.cleanup().unwrap().purged, vec![("tasks".into(), "gone".into())]);
+    assert_eq!(b.cleanup().unwrap().purged, vec![("tasks".into(), "gone".into())]);
+    // And b edits its copy like any row.
+    b.table("tasks")
+        .update("live", [("title", s("edited on b"))])
+        .unwrap();
+    SyncLink::new("a-b").run(&mut a, &mut b).unwrap();
+    let row = a.table("tasks").get("live").unwrap().unwrap();
+    assert_eq!(row.get("title"), Some(&s("edited on b")));
+}
+
 #[test]
 fn a_document_copied_whole_is_stored_durably() {
     let dir = tempfile::tempdir().unwrap();

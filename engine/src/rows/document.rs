@@ -186,6 +186,18 @@ pub(crate) fn put_register(
     d.put(ROOT, column, value.to_scalar())
 }
 
+/// Whether a saved row document certainly has no delete flag, told from its
+/// bytes without loading it: no column of them is compressed (so every key
+/// appears in them as it is) and `_deleted` appears nowhere in them. `false` means "load it to know".
+pub(crate) fn surely_live(saved: &[u8]) -> bool {
+    crate::chunk::saved_header(saved).is_some_and(|header| {
+        !header.compressed
+            && !saved
+                .windows(DELETED.len())
+                .any(|w| w == DELETED.as_bytes())
+    })
+}
+
 /// Flag the row deleted (committed with [`stamped`]).
 pub(crate) fn put_deleted(d: &mut AutoCommit) -> Result<(), automerge::AutomergeError> {
     d.put(ROOT, DELETED, true)

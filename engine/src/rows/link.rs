@@ -201,6 +201,7 @@ impl SyncLink {
             // A document b had none of is now a copy of a's: nothing to
             // send back.
             let copied_to_b = matches!(to_b, Sent::Document { .. });
+            let surely_live = matches!(to_b, Sent::Document { live: true, .. });
             if !copied_to_b {
                 let to_a = transfer(b, a, &id, &b_peer, &mut refused)?;
                 to_a.count(&mut run.changes.1, &mut run.bytes.1, &mut run.copied.1);
@@ -210,7 +211,11 @@ impl SyncLink {
                 continue;
             }
             // Both sides now hold the same heads; note deleted rows, reading
-            // the side that has the document in memory.
+            // the side that has the document in memory (a copy whose bytes
+            // show no delete flag is not even parsed).
+            if surely_live {
+                continue;
+            }
             let is_deleted = |d: &automerge::Automerge| {
                 (document::state(d, &At(None)).deleted_row(), d.get_heads())
             };
@@ -241,8 +246,16 @@ impl SyncLink {
 /// What one [`transfer`] sent.
 enum Sent {
     Nothing,
-    Changes { count: usize, bytes: usize },
-    Document { bytes: usize },
+    Changes {
+        count: usize,
+        bytes: usize,
+    },
+    /// A whole document; `live` when its bytes showed it holds no delete
+    /// flag ([`document::surely_live`]).
+    Document {
+        bytes: usize,
+        live: bool,
+    },
 }
 
 impl Sent {
@@ -253,7 +266,7 @@ impl Sent {
                 *changes += count;
                 *bytes += b;
             }
-            Sent::Document { bytes: b } => {
+            Sent::Document { bytes: b, .. } => {
                 *copied += 1;
                 *bytes += b;
             }
@@ -284,6 +297,7 @@ fn transfer<F: Storage, T: Storage, RF: BorrowMut<Repo<F>>, RT: BorrowMut<Repo<T
             to.repo_mut().apply_document(id, &document, from_peer),
             Sent::Document {
                 bytes: document.len(),
+                live: document::surely_live(&document),
             },
         ),
         None => {
