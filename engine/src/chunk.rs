@@ -44,7 +44,7 @@ pub(crate) struct SavedHeader {
 /// changes, a document chunk followed by changes, missing dependencies,
 /// corrupt or truncated bytes), which a full load then handles.
 pub(crate) fn saved_header(bytes: &[u8]) -> Option<SavedHeader> {
-    let (kind, hash, contents, rest) = next_chunk(bytes)?;
+    let (kind, hash, contents, rest) = verified(bytes)?;
     if kind == DOCUMENT {
         if !rest.is_empty() {
             return None;
@@ -73,7 +73,7 @@ pub(crate) fn saved_header(bytes: &[u8]) -> Option<SavedHeader> {
         if rest.is_empty() {
             break;
         }
-        (kind, hash, contents, rest) = next_chunk(rest)?;
+        (kind, hash, contents, rest) = verified(rest)?;
     }
     if !deps.is_subset(&hashes) {
         return None;
@@ -85,24 +85,71 @@ pub(crate) fn saved_header(bytes: &[u8]) -> Option<SavedHeader> {
     })
 }
 
+/// Whether no column of the saved `bytes` is compressed, so that every
+/// string of the document appears in them as it is: they are document
+/// chunks without compressed columns and (uncompressed) change chunks.
+/// Checksums are not checked: a quick look, for bytes known to be intact.
+pub(crate) fn uncompressed(mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        let Some(chunk) = split(bytes) else {
+            return false;
+        };
+        let plain = match chunk.kind {
+            DOCUMENT => {
+                document_contents(chunk.contents).is_some_and(|(_, compressed)| !compressed)
+            }
+            CHANGE => true,
+            _ => false,
+        };
+        if !plain {
+            return false;
+        }
+        bytes = chunk.rest;
+    }
+    true
+}
+
+/// One chunk, split into its parts.
+struct Chunk<'a> {
+    checksum: &'a [u8; 4],
+    kind: u8,
+    /// What the hash covers: the chunk type, the length as written, and
+    /// the contents (everything after the checksum, up to the chunk's end).
+    hashed: &'a [u8],
+    contents: &'a [u8],
+    /// The bytes after the chunk.
+    rest: &'a [u8],
+}
+
+fn split(bytes: &[u8]) -> Option<Chunk<'_>> {
+    let after_magic = bytes.strip_prefix(&MAGIC)?;
+    let (checksum, from_kind) = after_magic.split_first_chunk::<4>()?;
+    let (&kind, mut r) = from_kind.split_first()?;
+    let len = usize::try_from(uleb(&mut r)?).ok()?;
+    if r.len() < len {
+        return None;
+    }
+    let (contents, rest) = r.split_at(len);
+    Some(Chunk {
+        checksum,
+        kind,
+        hashed: &from_kind[..from_kind.len() - rest.len()],
+        contents,
+        rest,
+    })
+}
+
 /// The first chunk of `bytes`, checksum verified: its type, hash, contents,
 /// and the bytes after it.
-fn next_chunk(bytes: &[u8]) -> Option<(u8, ChangeHash, &[u8], &[u8])> {
-    let rest = bytes.strip_prefix(&MAGIC)?;
-    let (checksum, hashed) = rest.split_first_chunk::<4>()?;
-    let (&kind, mut rest) = hashed.split_first()?;
-    let len = usize::try_from(uleb(&mut rest)?).ok()?;
-    if rest.len() < len {
-        return None;
-    }
-    let (contents, after) = rest.split_at(len);
-    // The hash covers the chunk type, the length as written, and the
-    // contents: everything after the checksum, up to the chunk's end.
-    let hash: [u8; 32] = Sha256::digest(&hashed[..hashed.len() - after.len()]).into();
-    if hash[..4] != checksum[..] {
-        return None;
-    }
-    Some((kind, ChangeHash(hash), contents, after))
+fn verified(bytes: &[u8]) -> Option<(u8, ChangeHash, &[u8], &[u8])> {
+    let chunk = split(bytes)?;
+    let hash: [u8; 32] = Sha256::digest(chunk.hashed).into();
+    (hash[..4] == chunk.checksum[..]).then_some((
+        chunk.kind,
+        ChangeHash(hash),
+        chunk.contents,
+        chunk.rest,
+    ))
 }
 
 /// The heads of a document chunk and whether any of its columns is
@@ -195,9 +242,14 @@ mod tests {
     fn notices_compressed_columns() {
         // Columns over 256 bytes are compressed when saved.
         let mut d = edited(400);
-        let header = saved_header(&d.save()).unwrap();
+        let bytes = d.save();
+        let header = saved_header(&bytes).unwrap();
         assert!(header.compressed);
         assert_eq!(header.heads, d.get_heads());
+        assert!(!uncompressed(&bytes));
+        assert!(uncompressed(&edited(3).save()));
+        assert!(uncompressed(&d.save_after(&[])), "change chunks");
+        assert!(!uncompressed(b"not automerge"));
     }
 
     #[test]

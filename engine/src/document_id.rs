@@ -4,7 +4,10 @@
 //! those bytes, and its URL form is `automerge:<id>`, optionally followed by
 //! `#head|head` where each head is a bs58check-encoded change hash.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fmt;
+use std::rc::Rc;
 use std::str::FromStr;
 
 use automerge::ChangeHash;
@@ -72,9 +75,32 @@ impl DocumentId {
     }
 }
 
+/// How many recently formatted ids [`DocumentId`]'s `Display` remembers.
+const RECENT_IDS: usize = 4;
+
+thread_local! {
+    /// The text forms of the ids formatted last, newest at the back. The
+    /// text form costs a double SHA-256 and a base-58 conversion, and the
+    /// engine formats one id several times in a row (each storage key of a
+    /// document starts with it).
+    static RECENT: RefCell<VecDeque<(DocumentId, Rc<str>)>> =
+        RefCell::new(VecDeque::with_capacity(RECENT_IDS));
+}
+
 impl fmt::Display for DocumentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&bs58::encode(&self.0).with_check().into_string())
+        let text = RECENT.with_borrow_mut(|recent| {
+            if let Some((_, text)) = recent.iter().find(|(id, _)| id == self) {
+                return text.clone();
+            }
+            let text: Rc<str> = bs58::encode(&self.0).with_check().into_string().into();
+            if recent.len() == RECENT_IDS {
+                recent.pop_front();
+            }
+            recent.push_back((*self, text.clone()));
+            text
+        });
+        f.write_str(&text)
     }
 }
 
@@ -158,6 +184,26 @@ fn parse_head(text: &str) -> Result<ChangeHash, ParseIdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_text_forms_stay_right_for_many_ids() {
+        let ids: Vec<DocumentId> = (0..3 * RECENT_IDS as u8)
+            .map(|i| DocumentId::from_bytes([i; 16]))
+            .collect();
+        let direct = |id: &DocumentId| bs58::encode(id.0).with_check().into_string();
+        for round in 0..3 {
+            // Forwards, backwards, and one id repeated among the others.
+            let order: Vec<&DocumentId> = match round {
+                0 => ids.iter().collect(),
+                1 => ids.iter().rev().collect(),
+                _ => ids.iter().flat_map(|id| [id, &ids[0]]).collect(),
+            };
+            for id in order {
+                assert_eq!(id.to_string(), direct(id));
+                assert_eq!(id.to_string().parse::<DocumentId>().unwrap(), *id);
+            }
+        }
+    }
 
     #[test]
     fn text_form_round_trips_and_checks_its_checksum() {

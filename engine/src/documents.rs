@@ -394,20 +394,20 @@ impl<S: Storage> Documents<S> {
         let mut plans = Vec::new();
         let min = self.config.compaction_min_bytes;
         let ratio = self.config.compaction_ratio.max(1);
-        // Received whole and never parsed: stored as they are.
+        // Received whole and never parsed: stored as they are, named by
+        // the history they hold (hashing the bytes would cost more).
         for (id, unloaded) in self.unloaded.drain() {
             let bytes = unloaded.bytes.len();
+            let which = if unloaded.snapshot {
+                "snapshot"
+            } else {
+                "incremental"
+            };
+            let key = doc_key(&id, which, heads_hash(&unloaded.heads));
+            batch.put(key.clone(), unloaded.bytes);
             let kind = if unloaded.snapshot {
-                let key = doc_key(&id, "snapshot", heads_hash(&unloaded.heads));
-                batch.put(key.clone(), unloaded.bytes);
                 SaveKind::Compacted { key, bytes }
             } else {
-                let key = doc_key(
-                    &id,
-                    "incremental",
-                    hex::encode(Sha256::digest(&unloaded.bytes)),
-                );
-                batch.put(key.clone(), unloaded.bytes);
                 SaveKind::Incremental { key, bytes }
             };
             plans.push(SavePlan { document: id, kind });

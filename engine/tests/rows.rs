@@ -519,7 +519,10 @@ fn a_copied_row_is_stored_without_being_parsed_until_used() {
     // b's feed has the copy with a's heads, as a remote commit from a.
     let a_heads = a.repo_mut().heads(&live).unwrap();
     let feed = b.repo_mut().feed().read(Cursor::START, 1000).unwrap();
-    let entry = feed.iter().find(|e| e.document == live).expect("feed entry");
+    let entry = feed
+        .iter()
+        .find(|e| e.document == live)
+        .expect("feed entry");
     assert_eq!(entry.heads, a_heads);
     assert!(entry.before.is_empty());
     assert!(matches!(&entry.origin, Origin::Remote(p) if p.as_str() == "a"));
@@ -530,8 +533,14 @@ fn a_copied_row_is_stored_without_being_parsed_until_used() {
     assert_eq!(b.repo_mut().heads(&live).unwrap(), a_heads);
     assert_eq!(b.table("tasks").get("gone").unwrap(), None);
     // The delete both now hold is acknowledged: cleanup purges it on both.
-    assert_eq!(a.cleanup().unwrap().purged, vec![("tasks".into(), "gone".into())]);
-    assert_eq!(b.cleanup().unwrap().purged, vec![("tasks".into(), "gone".into())]);
+    assert_eq!(
+        a.cleanup().unwrap().purged,
+        vec![("tasks".into(), "gone".into())]
+    );
+    assert_eq!(
+        b.cleanup().unwrap().purged,
+        vec![("tasks".into(), "gone".into())]
+    );
     // And b edits its copy like any row.
     b.table("tasks")
         .update("live", [("title", s("edited on b"))])

@@ -190,12 +190,10 @@ pub(crate) fn put_register(
 /// bytes without loading it: no column of them is compressed (so every key
 /// appears in them as it is) and `_deleted` appears nowhere in them. `false` means "load it to know".
 pub(crate) fn surely_live(saved: &[u8]) -> bool {
-    crate::chunk::saved_header(saved).is_some_and(|header| {
-        !header.compressed
-            && !saved
-                .windows(DELETED.len())
-                .any(|w| w == DELETED.as_bytes())
-    })
+    crate::chunk::uncompressed(saved)
+        && !saved
+            .windows(DELETED.len())
+            .any(|w| w == DELETED.as_bytes())
 }
 
 /// Flag the row deleted (committed with [`stamped`]).
