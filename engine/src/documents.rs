@@ -149,9 +149,10 @@ impl<S: Storage> Documents<S> {
     }
 
     /// Drop the document from memory and refuse it until released.
+    /// (A copy received whole stays, to be stored as received like any
+    /// other, and parsed again when released.)
     pub(crate) fn quarantine(&mut self, id: DocumentId, reason: String) {
         self.loaded.remove(&id);
-        self.unloaded.remove(&id);
         self.quarantined.insert(id, reason);
     }
 
@@ -281,46 +282,49 @@ impl<S: Storage> Documents<S> {
     }
 
     /// Parse a document received whole and not stored yet: it stays dirty,
-    /// to be stored as the received bytes at the next flush.
+    /// to be stored as the received bytes at the next flush. If automerge
+    /// cannot load it, the bytes stay as they are (stored at the next flush
+    /// like any received bytes) and the error is reported on each use, as
+    /// for a corrupt stored document.
     fn parse_received(&mut self, id: &DocumentId, unloaded: Unloaded) -> Result<Loaded, RepoError> {
-        let Unloaded { bytes, heads, .. } = unloaded;
-        let parsed = catch_unwind(AssertUnwindSafe(|| AutoCommit::load(&bytes)));
-        let doc = match parsed {
-            Ok(Ok(mut doc)) => {
-                if doc.get_heads() != heads {
-                    return Err(RepoError::CorruptDocument {
-                        document: *id,
-                        reason: "the received document's heads differ from its header's".into(),
-                    });
-                }
-                doc
-            }
-            Ok(Err(e)) => {
-                return Err(RepoError::CorruptDocument {
-                    document: *id,
-                    reason: e.to_string(),
+        let parsed = catch_unwind(AssertUnwindSafe(|| {
+            AutoCommit::load(&unloaded.bytes).map(|mut doc| {
+                let heads = doc.get_heads();
+                (doc, heads)
+            })
+        }));
+        let corrupt = |reason: String| RepoError::CorruptDocument {
+            document: *id,
+            reason,
+        };
+        let error = match parsed {
+            Ok(Ok((doc, heads))) if heads == unloaded.heads => {
+                let Unloaded { bytes, heads, .. } = unloaded;
+                return Ok(Loaded {
+                    doc,
+                    snapshot: None,
+                    incrementals: Vec::new(),
+                    incremental_bytes: 0,
+                    dirty: true,
+                    pinned: false,
+                    last_used: self.clock,
+                    saved: heads,
+                    received: Some(bytes),
                 });
             }
+            Ok(Ok(_)) => corrupt("its heads differ from what its chunk headers say".into()),
+            Ok(Err(e)) => corrupt(e.to_string()),
             Err(panic) => {
                 let reason = format!("automerge panicked while loading: {}", panic_message(panic));
                 self.quarantine(*id, reason.clone());
-                return Err(RepoError::Quarantined {
+                RepoError::Quarantined {
                     document: *id,
                     reason,
-                });
+                }
             }
         };
-        Ok(Loaded {
-            doc,
-            snapshot: None,
-            incrementals: Vec::new(),
-            incremental_bytes: 0,
-            dirty: true,
-            pinned: false,
-            last_used: self.clock,
-            saved: heads,
-            received: Some(bytes),
-        })
+        self.unloaded.insert(*id, unloaded);
+        Err(error)
     }
 
     fn load(&mut self, id: &DocumentId) -> Result<Option<Loaded>, RepoError> {

@@ -638,9 +638,9 @@ impl<S: Storage> Repo<S> {
     /// [`stored_bytes`](Self::stored_bytes) returns), is not parsed at all:
     /// the chunks' checksums are checked, its heads are read from their
     /// headers for the change feed, and the bytes are stored as they are at
-    /// the next flush. Automerge parses it
-    /// on first use, like any stored document, and reports a corrupt one
-    /// then ([`RepoError::CorruptDocument`]).
+    /// the next flush. Automerge parses it on first use, like any stored
+    /// document, and reports a corrupt one then
+    /// ([`RepoError::CorruptDocument`]).
     pub fn apply_document(
         &mut self,
         id: &DocumentId,

@@ -860,6 +860,61 @@ fn corrupt_stored_bytes_are_an_error_for_that_document_only() {
     assert_eq!(get(&mut r, &fine, "x"), Some(2));
 }
 
+/// A copy received whole is stored without being parsed: one whose chunk
+/// is intact (valid checksum) but whose contents automerge cannot load is
+/// accepted, then reported as corrupt on use (before and after the flush
+/// that stores it), like corrupt stored bytes, and nothing else is hurt.
+#[test]
+fn a_whole_copy_that_cannot_load_is_reported_on_use_and_kept() {
+    use sha2::{Digest, Sha256};
+    let mut source = automerge::AutoCommit::new();
+    source.put(ROOT, "title", "a copy").unwrap();
+    let mut bytes = source.save();
+    // Damage the head the document lists, then seal the chunk again with a
+    // matching checksum (the first 4 bytes of the SHA-256 of everything
+    // after it), so only a full load can tell.
+    let head = source.get_heads()[0].0;
+    let at = bytes
+        .windows(32)
+        .position(|w| w == head)
+        .expect("the saved document lists its head");
+    bytes[at] ^= 0x55;
+    let checksum: [u8; 32] = Sha256::digest(&bytes[8..]).into();
+    bytes[4..8].copy_from_slice(&checksum[..4]);
+    assert!(
+        automerge::AutoCommit::load(&bytes).is_err(),
+        "the damage must break the load"
+    );
+
+    let storage = Arc::new(MemoryStorage::new());
+    let mut r = Repo::open(storage.clone(), config("b"), ShareAll).unwrap();
+    let (copy, fine) = (DocumentId::random(), r.create().unwrap());
+    put(&mut r, &fine, "x", 2);
+    let mut good = automerge::AutoCommit::new();
+    good.put(ROOT, "title", "a good copy").unwrap();
+    let good_id = DocumentId::random();
+    let from = PeerId::new("a");
+    assert!(r.apply_document(&copy, &bytes, &from).unwrap());
+    assert!(r.apply_document(&good_id, &good.save(), &from).unwrap());
+    let corrupt = |r: &mut Repo<Arc<MemoryStorage>>| match r.view(&copy, |_| ()) {
+        Err(RepoError::CorruptDocument { document, .. }) => assert_eq!(document, copy),
+        other => panic!("expected CorruptDocument, got {other:?}"),
+    };
+    corrupt(&mut r);
+    corrupt(&mut r);
+    r.flush().unwrap();
+    corrupt(&mut r);
+    let mut r = Repo::open(storage, config("b"), ShareAll).unwrap();
+    corrupt(&mut r);
+    assert_eq!(get(&mut r, &fine, "x"), Some(2));
+    let title = r
+        .view(&good_id, |d| {
+            d.get(ROOT, "title").unwrap().map(|(v, _)| v.to_string())
+        })
+        .unwrap();
+    assert_eq!(title.as_deref(), Some("\"a good copy\""));
+}
+
 #[test]
 fn a_panic_is_contained_and_the_document_quarantined() {
     let mut r = client("a");

@@ -188,7 +188,8 @@ pub(crate) fn put_register(
 
 /// Whether a saved row document certainly has no delete flag, told from its
 /// bytes without loading it: no column of them is compressed (so every key
-/// appears in them as it is) and `_deleted` appears nowhere in them. `false` means "load it to know".
+/// appears in them as it is) and `_deleted` appears nowhere in them.
+/// `false` means "load it to know".
 pub(crate) fn surely_live(saved: &[u8]) -> bool {
     crate::chunk::uncompressed(saved)
         && !saved
