@@ -6,6 +6,7 @@
 //! `timestamp` as integers or floats, `documentId` as text or bytes, `add` and
 //! `remove` optional, `senderId`/`targetId` on `error` optional.
 
+use automerge::sync;
 use ciborium::Value;
 
 use crate::error::DecodeError;
@@ -606,12 +607,202 @@ impl Fields<'_> {
     }
 }
 
+/// A `sync` frame whose message brings changes, decoded: what a peer that
+/// falls behind merges with the frames queued after it
+/// ([`SyncFrame::absorb`], [`coalesce_sync_frames`]), to hand the repo one
+/// message instead of several.
+#[derive(Debug)]
+pub struct SyncFrame {
+    sender_id: PeerId,
+    target_id: PeerId,
+    document_id: DocumentId,
+    message: sync::Message,
+}
+
+impl SyncFrame {
+    /// `bytes` is a `sync` frame whose message brings changes (automerge
+    /// change or document chunks, which the repo loads in sequence) and asks
+    /// for no reset.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let Message::Sync {
+            sender_id,
+            target_id,
+            document_id,
+            data,
+        } = Message::decode(bytes).ok()?
+        else {
+            return None;
+        };
+        let message = sync::Message::decode(&data).ok()?;
+        let reset = message
+            .flags
+            .is_some_and(|f| f.contains(sync::MessageFlags::SYNC_RESET));
+        (!reset && !message.changes.is_empty()).then_some(Self {
+            sender_id,
+            target_id,
+            document_id,
+            message,
+        })
+    }
+
+    /// Take in `next`, which the same peer sent right after this one: its
+    /// changes follow ours, and everything else (heads, need, have, flags)
+    /// is the peer's newer word, so it replaces ours. Handing the repo the
+    /// result does what handing it the two in order would (the changes are
+    /// applied together, the sync state ends as after `next`), with one
+    /// automerge apply instead of two: an apply walks the history of the
+    /// object it changes (automerge 0.12), so a receiver that fell behind
+    /// (a relay under a fast writer, a reader under a busy relay) catches
+    /// up with one walk rather than one per change.
+    /// False (and nothing taken) if `next` is about another document or
+    /// differs in kind.
+    pub fn absorb(&mut self, next: Self) -> bool {
+        if !self.same_kind(&next) {
+            return false;
+        }
+        let mut changes: Vec<Vec<u8>> = self.message.changes.iter().map(<[u8]>::to_vec).collect();
+        changes.extend(next.message.changes.iter().map(<[u8]>::to_vec));
+        self.message = sync::Message {
+            changes: changes.into(),
+            ..next.message
+        };
+        true
+    }
+
+    /// From the same peer to the same peer, about the same document, with
+    /// the same flags and protocol version.
+    fn same_kind(&self, next: &Self) -> bool {
+        next.sender_id == self.sender_id
+            && next.target_id == self.target_id
+            && next.document_id == self.document_id
+            && next.message.flags == self.message.flags
+            && next.message.version == self.message.version
+    }
+
+    /// The merged frame, as the peer would have sent it.
+    pub fn encode(self) -> Vec<u8> {
+        Message::Sync {
+            sender_id: self.sender_id,
+            target_id: self.target_id,
+            document_id: self.document_id,
+            data: self.message.encode(),
+        }
+        .encode()
+    }
+}
+
+/// Merge each run of consecutive sync frames that bring changes to one
+/// document (frames one connection received, in order) into one frame, as
+/// [`SyncFrame::absorb`] does. Other frames keep their place and end a run.
+/// Returns how many frames were absorbed into the one before.
+pub fn coalesce_sync_frames(frames: &mut Vec<Vec<u8>>) -> usize {
+    if frames.len() < 2 {
+        return 0;
+    }
+    let before = frames.len();
+    let mut out: Vec<Vec<u8>> = Vec::with_capacity(before);
+    let mut run: Option<SyncFrame> = None;
+    for bytes in frames.drain(..) {
+        match SyncFrame::decode(&bytes) {
+            Some(next) => match &mut run {
+                Some(current) if current.same_kind(&next) => {
+                    current.absorb(next);
+                }
+                _ => {
+                    out.extend(run.take().map(SyncFrame::encode));
+                    run = Some(next);
+                }
+            },
+            None => {
+                out.extend(run.take().map(SyncFrame::encode));
+                out.push(bytes);
+            }
+        }
+    }
+    out.extend(run.map(SyncFrame::encode));
+    let absorbed = before - out.len();
+    *frames = out;
+    absorbed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn doc() -> DocumentId {
         DocumentId::from_bytes([5; 16])
+    }
+
+    /// A sync frame from `a` to `b` about `document` bringing `changes`,
+    /// with the writer's heads after them.
+    fn sync_frame(
+        document: DocumentId,
+        changes: &[Vec<u8>],
+        heads: Vec<automerge::ChangeHash>,
+    ) -> Vec<u8> {
+        let message = sync::Message {
+            heads,
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: changes.to_vec().into(),
+            flags: None,
+            version: sync::MessageVersion::V1,
+        };
+        Message::Sync {
+            sender_id: PeerId::new("a"),
+            target_id: PeerId::new("b"),
+            document_id: document,
+            data: message.encode(),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn consecutive_sync_frames_for_one_document_merge_into_one() {
+        use automerge::{AutoCommit, ROOT, transaction::Transactable};
+        let mut d = AutoCommit::new();
+        let mut frames = Vec::new();
+        let mut changes = Vec::new();
+        for i in 0..4 {
+            d.put(ROOT, "v", i).unwrap();
+            d.commit();
+            let change = d.get_last_local_change().unwrap().raw_bytes().to_vec();
+            frames.push(sync_frame(
+                doc(),
+                std::slice::from_ref(&change),
+                d.get_heads(),
+            ));
+            changes.push(change);
+        }
+        let other_doc = sync_frame(DocumentId::from_bytes([6; 16]), &changes[..1], Vec::new());
+        let not_sync = Message::Leave {
+            sender_id: PeerId::new("a"),
+        }
+        .encode();
+        let mut batch = vec![
+            frames[0].clone(),
+            frames[1].clone(),
+            frames[2].clone(),
+            not_sync.clone(),
+            frames[3].clone(),
+            other_doc.clone(),
+        ];
+        assert_eq!(coalesce_sync_frames(&mut batch), 2);
+        assert_eq!(batch.len(), 4);
+        let merged = SyncFrame::decode(&batch[0]).expect("a sync frame with changes");
+        assert_eq!(merged.document_id, doc());
+        let merged_changes: Vec<Vec<u8>> =
+            merged.message.changes.iter().map(<[u8]>::to_vec).collect();
+        assert_eq!(merged_changes, changes[..3].to_vec(), "in order");
+        let third = SyncFrame::decode(&frames[2]).unwrap();
+        assert_eq!(merged.message.heads, third.message.heads, "the newest word");
+        assert_eq!(batch[1], not_sync, "ends a run, keeps its place");
+        assert_eq!(batch[2], frames[3], "alone: as it was");
+        assert_eq!(batch[3], other_doc, "another document: kept apart");
+        // Nothing to merge: untouched.
+        let mut alone = vec![frames[0].clone(), not_sync.clone(), frames[1].clone()];
+        assert_eq!(coalesce_sync_frames(&mut alone), 0);
+        assert_eq!(alone, vec![frames[0].clone(), not_sync, frames[1].clone()]);
     }
 
     fn all_messages() -> Vec<Message> {

@@ -56,6 +56,7 @@ use std::time::Duration;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tandem_engine::automerge::{AutoCommit, Automerge, AutomergeError, ChangeHash};
+use tandem_engine::protocol::coalesce_sync_frames;
 use tandem_engine::rows::Rows;
 use tandem_engine::{
     ConnectionId, Direction, DocumentId, Event, FeedEvent, Output, Repo, RepoError, RowError,
@@ -205,6 +206,9 @@ pub struct ClientStats {
     pub frames_received: u64,
     /// Payload bytes read from the socket.
     pub bytes_received: u64,
+    /// Sync frames merged into the one before them (the client had fallen
+    /// behind, and handled a document's queued changes in one apply).
+    pub frames_merged: u64,
 }
 
 #[derive(Default)]
@@ -215,6 +219,7 @@ struct Counters {
     bytes_sent: AtomicU64,
     frames_received: AtomicU64,
     bytes_received: AtomicU64,
+    frames_merged: AtomicU64,
 }
 
 impl Counters {
@@ -231,6 +236,7 @@ impl Counters {
             bytes_sent: get(&self.bytes_sent),
             frames_received: get(&self.frames_received),
             bytes_received: get(&self.bytes_received),
+            frames_merged: get(&self.frames_merged),
         }
     }
 }
@@ -362,6 +368,7 @@ impl<S: Storage + 'static> Client<S> {
                 after_flush: Vec::new(),
             },
             closing: Vec::new(),
+            inbox: Vec::new(),
         };
         tokio::spawn(driver.run(rx));
         Ok(Self { commands, shared })
@@ -662,6 +669,8 @@ struct Driver<S: Storage> {
     ctx: JobCtx,
     /// Writers finishing their queue and close frame.
     closing: Vec<JoinHandle<()>>,
+    /// Frames read in this batch, not yet handed to the repo.
+    inbox: Vec<Vec<u8>>,
 }
 
 impl<S: Storage + 'static> Driver<S> {
@@ -688,7 +697,11 @@ impl<S: Storage + 'static> Driver<S> {
                         self.shutdown().await;
                         return;
                     }
-                    Step::Command(c) => self.command(c),
+                    Step::Command(c) => {
+                        // A job sees everything received before it.
+                        self.receive_inbox();
+                        self.command(c);
+                    }
                     Step::Link(e) => self.link_event(e),
                 }
                 if handled < self.config.max_batch {
@@ -698,6 +711,7 @@ impl<S: Storage + 'static> Driver<S> {
                     };
                 }
             }
+            self.receive_inbox();
             self.flush();
             self.route();
             self.closing.retain(|t| !t.is_finished());
@@ -827,7 +841,6 @@ impl<S: Storage + 'static> Driver<S> {
             return;
         };
         up.last_heard = Instant::now();
-        let connection = up.connection;
         let bytes = match message {
             Some(Ok(WsMessage::Binary(b))) => b.to_vec(),
             // Text is not part of the protocol: the repo answers with an
@@ -847,13 +860,35 @@ impl<S: Storage + 'static> Driver<S> {
         let counters = &self.shared.counters;
         Counters::add(&counters.frames_received, 1);
         Counters::add(&counters.bytes_received, bytes.len() as u64);
-        if let Err(e) = self.rows.repo_mut().receive(now_ms(), connection, &bytes) {
-            tracing::warn!(error = %e, "frame not handled");
+        self.inbox.push(bytes);
+    }
+
+    /// Hand the repo the frames read so far, each run of sync frames about
+    /// one document merged into one (`coalesce_sync_frames`): a client that
+    /// fell behind catches up with one automerge apply per document rather
+    /// than one per frame.
+    fn receive_inbox(&mut self) {
+        if self.inbox.is_empty() {
+            return;
+        }
+        let mut frames = std::mem::take(&mut self.inbox);
+        let Link::Up(up) = &self.link else {
+            return;
+        };
+        let connection = up.connection;
+        let merged = coalesce_sync_frames(&mut frames);
+        Counters::add(&self.shared.counters.frames_merged, merged as u64);
+        for bytes in frames {
+            if let Err(e) = self.rows.repo_mut().receive(now_ms(), connection, &bytes) {
+                tracing::warn!(error = %e, "frame not handled");
+            }
         }
     }
 
     /// The socket is gone (or being closed by us): forget it, retry later.
     fn drop_link(&mut self, reason: String) {
+        // What arrived before the socket went is handled first.
+        self.receive_inbox();
         if let Link::Up(up) = std::mem::replace(&mut self.link, Link::Idle) {
             self.rows.repo_mut().disconnect(up.connection);
             let _ = up.writer.send(WsMessage::Close(None));
@@ -952,6 +987,7 @@ impl<S: Storage + 'static> Driver<S> {
     /// Flush, leave, let the writer finish, hand back the repo.
     async fn shutdown(mut self) -> Repo<S> {
         self.want_online = false;
+        self.receive_inbox();
         if let Link::Up(up) = &self.link {
             self.rows.repo_mut().close(up.connection);
         }

@@ -9,10 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use governor::clock::Clock;
-use tandem_engine::automerge::sync;
-use tandem_engine::{
-    ConnectionId, Direction, DocumentId, Event, Output, PeerId, Repo, Storage, protocol,
-};
+use tandem_engine::protocol::{self, SyncFrame};
+use tandem_engine::{ConnectionId, Direction, DocumentId, Event, Output, Repo, Storage};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -548,79 +546,6 @@ async fn repo_task<S: Storage>(
     repo
 }
 
-/// A sync message with changes, as the repo would receive it.
-struct SyncFrame {
-    sender_id: PeerId,
-    target_id: PeerId,
-    document_id: DocumentId,
-    message: sync::Message,
-}
-
-impl SyncFrame {
-    /// `bytes` is a `sync` frame whose message brings changes (automerge
-    /// change or document chunks, which the repo loads in sequence) and asks
-    /// for no reset.
-    fn decode(bytes: &[u8]) -> Option<Self> {
-        let protocol::Message::Sync {
-            sender_id,
-            target_id,
-            document_id,
-            data,
-        } = protocol::Message::decode(bytes).ok()?
-        else {
-            return None;
-        };
-        let message = sync::Message::decode(&data).ok()?;
-        let reset = message
-            .flags
-            .is_some_and(|f| f.contains(sync::MessageFlags::SYNC_RESET));
-        (!reset && !message.changes.is_empty()).then_some(Self {
-            sender_id,
-            target_id,
-            document_id,
-            message,
-        })
-    }
-
-    /// Take in `next`, which the same peer sent right after this one: its
-    /// changes follow ours, and everything else (heads, need, have, flags)
-    /// is the peer's newer word, so it replaces ours. Handing the repo the
-    /// result does what handing it the two in order would (the changes are
-    /// applied together, the sync state ends as after `next`), with one
-    /// automerge apply instead of two: an apply walks the history of the
-    /// object it changes, so a writer faster than the relay is not met
-    /// with one walk per change.
-    /// False (and nothing taken) if `next` is about another document or
-    /// differs in kind.
-    fn absorb(&mut self, next: Self) -> bool {
-        let same = next.sender_id == self.sender_id
-            && next.target_id == self.target_id
-            && next.document_id == self.document_id
-            && next.message.flags == self.message.flags
-            && next.message.version == self.message.version;
-        if !same {
-            return false;
-        }
-        let mut changes: Vec<Vec<u8>> = self.message.changes.iter().map(<[u8]>::to_vec).collect();
-        changes.extend(next.message.changes.iter().map(<[u8]>::to_vec));
-        self.message = sync::Message {
-            changes: changes.into(),
-            ..next.message
-        };
-        true
-    }
-
-    fn encode(self) -> Vec<u8> {
-        protocol::Message::Sync {
-            sender_id: self.sender_id,
-            target_id: self.target_id,
-            document_id: self.document_id,
-            data: self.message.encode(),
-        }
-        .encode()
-    }
-}
-
 /// Under load, a batch may hold several sync messages with changes that one
 /// connection sent back to back for one document (a writer faster than the
 /// relay): hand them to the repo as one ([`SyncFrame::absorb`]). Each
@@ -733,7 +658,7 @@ mod tests {
     use super::*;
     use tandem_engine::automerge::ROOT;
     use tandem_engine::automerge::transaction::Transactable;
-    use tandem_engine::{MemoryStorage, RepoConfig, ServeOnRequest, ShareAll};
+    use tandem_engine::{MemoryStorage, PeerId, RepoConfig, ServeOnRequest, ShareAll};
 
     fn repo(name: &str, serve: bool) -> Repo<MemoryStorage> {
         let config = RepoConfig::new(PeerId::new(name));

@@ -52,6 +52,43 @@ async fn shared_doc(url: &str, names: &[&str], small_last: bool) -> (DocumentId,
     (doc, clients)
 }
 
+/// A writer's run of changes of `size` bytes of noise, at most `count`,
+/// each acknowledged by the relay before the next (so each is its own frame
+/// to every reader), the fast reader reading for `pause` after each.
+struct Writes {
+    count: i64,
+    size: usize,
+    pause: Duration,
+}
+
+impl Writes {
+    /// Write until the relay drops a slow reader or `count` changes are made.
+    async fn until_a_slow_reader_is_dropped(
+        &self,
+        writer: &mut Client,
+        fast: &mut Client,
+        doc: &DocumentId,
+        stats: &RelayStats,
+    ) {
+        for i in 1..=self.count {
+            writer
+                .repo
+                .change(doc, |d| {
+                    d.put(ROOT, "blob", noise(i as u64, self.size))?;
+                    d.put(ROOT, "n", i)
+                })
+                .unwrap();
+            writer
+                .until("the relay to store the change", |r| acked(r, doc))
+                .await;
+            fast.run_for(self.pause).await;
+            if stats.slow_readers() > 0 {
+                break;
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_slow_reader_is_dropped_and_does_not_slow_the_others() {
     let dir = tempfile::tempdir().unwrap();
@@ -69,24 +106,14 @@ async fn a_slow_reader_is_dropped_and_does_not_slow_the_others() {
 
     // Changes of 256 KiB: the slow reader's socket buffers fill, then
     // its queue of 4 frames, and it is dropped.
-    const CHANGES: i64 = 40;
-    for i in 1..=CHANGES {
-        writer
-            .repo
-            .change(&doc, |d| {
-                d.put(ROOT, "blob", noise(i as u64, 256 * 1024))?;
-                d.put(ROOT, "n", i)
-            })
-            .unwrap();
-        // One change per sync round, so each is its own frame to every reader.
-        writer
-            .until("the relay to store the change", |r| acked(r, &doc))
-            .await;
-        fast.run_for(Duration::from_millis(1)).await;
-        if stats.slow_readers() > 0 {
-            break;
-        }
-    }
+    let writes = Writes {
+        count: 40,
+        size: 256 * 1024,
+        pause: Duration::from_millis(1),
+    };
+    writes
+        .until_a_slow_reader_is_dropped(&mut writer, &mut fast, &doc, &stats)
+        .await;
     let last = value(&mut writer.repo, &doc).unwrap();
     fast.until("every change at the fast reader", |r| {
         value(r, &doc) == Some(last)
@@ -129,22 +156,14 @@ async fn with_a_sync_window_a_slow_reader_is_still_dropped() {
     let _slow = clients.pop().unwrap(); // subscribed, and from now on never reads
     let mut fast = clients.pop().unwrap();
     let mut writer = clients.pop().unwrap();
-    for i in 1..=400 {
-        writer
-            .repo
-            .change(&doc, |d| {
-                d.put(ROOT, "blob", noise(i as u64, 64 * 1024))?;
-                d.put(ROOT, "n", i)
-            })
-            .unwrap();
-        writer
-            .until("the relay to store the change", |r| acked(r, &doc))
-            .await;
-        fast.run_for(Duration::from_millis(5)).await;
-        if stats.slow_readers() > 0 {
-            break;
-        }
-    }
+    let writes = Writes {
+        count: 400,
+        size: 64 * 1024,
+        pause: Duration::from_millis(5),
+    };
+    writes
+        .until_a_slow_reader_is_dropped(&mut writer, &mut fast, &doc, &stats)
+        .await;
     assert!(
         stats.slow_readers() > 0,
         "the slow reader was never dropped"

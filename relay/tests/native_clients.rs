@@ -291,6 +291,50 @@ async fn three_clients_edit_the_same_tasks_with_some_offline_and_converge() {
     assert_eq!(relay.view(&doc, read_tasks).unwrap(), merged);
 }
 
+/// A client that falls behind (its task busy while the relay forwards a
+/// writer's changes one frame each) handles the queued frames of the
+/// document as one message, and ends with every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_fell_behind_applies_the_queued_changes_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(server_repo(&dir, ServeOnRequest), RelayConfig::default()).await;
+    let writer = client(dir.path(), "writer", &relay.url, fast());
+    let reader = client(dir.path(), "reader", &relay.url, fast());
+    let doc = new_list(&writer).await;
+    add(&writer, doc, "t0", "first").await;
+    wait_until("the relay to store the list", 10, || acked(&writer, doc)).await;
+    reader.request(doc).await.unwrap();
+    wait_until("the reader to fetch the list", 10, || async {
+        tasks(&reader, doc).await.len() == 1
+    })
+    .await;
+    let before = reader.stats();
+
+    // Keep the reader's task busy while 20 changes reach the relay, each
+    // acknowledged before the next (so each is its own frame to the reader).
+    let busy = reader.with_repo(|_| std::thread::sleep(Duration::from_millis(1_500)));
+    let writes = async {
+        for i in 1..=20 {
+            set(&writer, doc, "t0", "title", format!("edit {i}")).await;
+            wait_until("the relay to store the edit", 10, || acked(&writer, doc)).await;
+        }
+    };
+    let (busy, ()) = tokio::join!(busy, writes);
+    busy.unwrap();
+
+    wait_until("the reader to have every edit", 10, || async {
+        sorted_heads(&reader, doc).await == sorted_heads(&writer, doc).await
+    })
+    .await;
+    assert_eq!(tasks(&reader, doc).await["t0"].0, "edit 20");
+    let after = reader.stats();
+    assert!(
+        after.frames_merged > before.frames_merged,
+        "the queued frames were not merged: {before:?} then {after:?}"
+    );
+    assert!(after.frames_received - before.frames_received >= 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_sends_only_what_is_missing_even_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();

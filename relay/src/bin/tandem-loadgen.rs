@@ -24,10 +24,13 @@
 //! 2. as fast as it can (one change, flush, send, repeat) for `--phase-secs`.
 //!
 //! After each phase it waits up to `--drain-secs` for every reader to see the
-//! last value. Readers record each distinct value of `v` they observe and its
-//! latency (observation time minus `t`: the same machine's clock), and, as a
-//! diagnostic, when the frame that brought it was read off the socket (the
-//! rest is the reader's own queue and apply).
+//! last value. A reader handles every frame that has arrived (runs of sync
+//! frames for the document merged into one, as a client that fell behind
+//! does) and then observes the document, as an application rendering it
+//! would: it records each distinct value of `v` it observes and its latency
+//! (observation time minus `t`: the same machine's clock), and, as a
+//! diagnostic, when the last frame handled was read off the socket (the rest
+//! is the reader's own queue and apply).
 //!
 //! With `--server-pid` the server's CPU time and RSS are sampled from /proc
 //! every 500 ms. `--json` prints the report as JSON.
@@ -45,6 +48,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tandem_engine::automerge::transaction::Transactable;
 use tandem_engine::automerge::{ROOT, ReadDoc};
+use tandem_engine::protocol::coalesce_sync_frames;
 use tandem_engine::{
     ConnectionId, Direction, DocumentId, Event, MemoryStorage, Output, PeerId, Repo, RepoConfig,
     ShareAll,
@@ -217,9 +221,34 @@ impl Client {
     fn receive(&mut self, frame: &[u8]) {
         self.frames_in += 1;
         self.bytes_in += frame.len() as u64;
+        self.apply(frame);
+    }
+
+    fn apply(&mut self, frame: &[u8]) {
         if let Err(e) = self.repo.receive((now_us() / 1000) as u64, CONN, frame) {
             self.closed.get_or_insert(format!("receive failed: {e}"));
         }
+    }
+
+    /// Hand the repo `first` and every frame already queued behind it, each
+    /// run of sync frames about one document merged into one, as a client
+    /// that fell behind does (`coalesce_sync_frames`: one automerge apply
+    /// instead of one per frame). Returns when the last was read off the
+    /// socket.
+    fn receive_queued(&mut self, first: (i64, Vec<u8>)) -> i64 {
+        let (mut at, frame) = first;
+        let mut frames = vec![frame];
+        while let Ok((later, frame)) = self.frames.try_recv() {
+            at = later;
+            frames.push(frame);
+        }
+        self.frames_in += frames.len() as u64;
+        self.bytes_in += frames.iter().map(|f| f.len() as u64).sum::<u64>();
+        coalesce_sync_frames(&mut frames);
+        for frame in &frames {
+            self.apply(frame);
+        }
+        at
     }
 
     /// Flush the repo and send what it produced.
@@ -297,11 +326,8 @@ impl Client {
             if Instant::now() >= until {
                 bail!("the server did not store the new document in time");
             }
-            if let Some((_, f)) = self.next_frame(until).await {
-                self.receive(&f);
-                while let Ok((_, f)) = self.frames.try_recv() {
-                    self.receive(&f);
-                }
+            if let Some(frame) = self.next_frame(until).await {
+                self.receive_queued(frame);
                 self.pump().await;
             }
         }
@@ -317,11 +343,8 @@ impl Client {
             {
                 return false;
             }
-            if let Some((_, f)) = self.next_frame(until).await {
-                self.receive(&f);
-                while let Ok((_, f)) = self.frames.try_recv() {
-                    self.receive(&f);
-                }
+            if let Some(frame) = self.next_frame(until).await {
+                self.receive_queued(frame);
                 self.pump().await;
             }
         }
@@ -554,8 +577,10 @@ async fn reader(
 ) -> ReaderReport {
     let mut seen = Vec::new();
     let mut last: Option<u64> = None;
-    let mut observe = |client: &mut Client, arrived_us: i64, f: &[u8]| {
-        client.receive(f);
+    // What the application sees: the document after everything that had
+    // arrived was applied.
+    let mut observe = |client: &mut Client, first: (i64, Vec<u8>)| {
+        let arrived_us = client.receive_queued(first);
         if let Some((v, t)) = read_vt(&mut client.repo, &doc)
             && last.is_none_or(|l| v > l)
         {
@@ -577,11 +602,8 @@ async fn reader(
         tokio::select! {
             _ = stop.changed() => break,
             f = client.frames.recv() => match f {
-                Some((at, f)) => {
-                    observe(&mut client, at, &f);
-                    while let Ok((at, f)) = client.frames.try_recv() {
-                        observe(&mut client, at, &f);
-                    }
+                Some(frame) => {
+                    observe(&mut client, frame);
                     client.pump().await;
                 }
                 None => {
