@@ -197,7 +197,7 @@ struct PendingCommit {
     before: Vec<ChangeHash>,
 }
 
-/// A document store and protocol endpoint. See the [module docs](self).
+/// A document store and protocol endpoint. See the [crate docs](crate) and docs/design.md.
 pub struct Repo<S: Storage> {
     config: RepoConfig,
     storage_id: StorageId,

@@ -22,7 +22,7 @@ use crate::auth::{AuthError, Claims, verify};
 /// sends to a document it may only read are not applied. The connection is
 /// closed (code 1008, "token expired") when the token expires.
 ///
-/// The repo given to [`serve`] must have been opened with [`Auth::policy`]
+/// The repo given to [`serve`](crate::serve) must have been opened with [`Auth::policy`]
 /// of this same value (or a clone of it): that policy reads the grants of
 /// each connection, which the relay records as connections open.
 #[derive(Clone, Default)]
