@@ -89,17 +89,22 @@ thread_local! {
 
 impl fmt::Display for DocumentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = RECENT.with_borrow_mut(|recent| {
-            if let Some((_, text)) = recent.iter().find(|(id, _)| id == self) {
-                return text.clone();
-            }
-            let text: Rc<str> = bs58::encode(&self.0).with_check().into_string().into();
-            if recent.len() == RECENT_IDS {
-                recent.pop_front();
-            }
-            recent.push_back((*self, text.clone()));
-            text
-        });
+        let encode = || -> Rc<str> { bs58::encode(&self.0).with_check().into_string().into() };
+        // (While the thread exits, its locals may be gone: encode afresh.)
+        let text = RECENT
+            .try_with(|recent| {
+                let mut recent = recent.borrow_mut();
+                if let Some((_, text)) = recent.iter().find(|(id, _)| id == self) {
+                    return text.clone();
+                }
+                let text = encode();
+                if recent.len() == RECENT_IDS {
+                    recent.pop_front();
+                }
+                recent.push_back((*self, text.clone()));
+                text
+            })
+            .unwrap_or_else(|_| encode());
         f.write_str(&text)
     }
 }
