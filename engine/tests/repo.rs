@@ -294,6 +294,39 @@ fn the_feed_delivers_every_commit_once_in_order_and_resumes() {
 
 // ---- protocol --------------------------------------------------------------
 
+/// A replica that requests a document it has nothing of receives it whole
+/// (automerge's sync sends a saved document then) and stores those bytes as
+/// they came: a document chunk, not the changes encoded again.
+#[test]
+fn a_document_received_whole_is_stored_as_it_came() {
+    let storage = Arc::new(MemoryStorage::new());
+    let mut server = server();
+    let doc = {
+        let mut writer = client("writer");
+        let doc = writer.create().unwrap();
+        for i in 0..5 {
+            put(&mut writer, &doc, &format!("k{i}"), i);
+        }
+        writer.flush().unwrap();
+        sync_in_process(&mut writer, &mut server, 50).unwrap();
+        doc
+    };
+    let mut fresh = Repo::open(storage.clone(), config("fresh"), ShareAll).unwrap();
+    fresh.request(doc).unwrap();
+    sync_in_process(&mut fresh, &mut server, 50).unwrap();
+    fresh.flush().unwrap();
+    let stored = fresh.stored_bytes(&doc).unwrap().expect("stored");
+    // Magic bytes, checksum, then the chunk type: 0 for a saved document.
+    assert_eq!(stored[..4], [0x85, 0x6f, 0x4a, 0x83]);
+    assert_eq!(stored[8], 0, "a document chunk");
+    let server_heads = server.heads(&doc).unwrap();
+    assert_eq!(fresh.heads(&doc).unwrap(), server_heads);
+    drop(fresh);
+    let mut fresh = Repo::open(storage, config("fresh"), ShareAll).unwrap();
+    assert_eq!(fresh.heads(&doc).unwrap(), server_heads);
+    assert_eq!(get(&mut fresh, &doc, "k4"), Some(4));
+}
+
 #[test]
 fn changes_fan_out_to_every_peer_sharing_the_document() {
     let mut hub = server();

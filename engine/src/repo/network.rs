@@ -9,6 +9,7 @@ use automerge::{AutomergeError, ChangeHash};
 
 use super::connection::{ConnState, Connection, PeerDoc};
 use super::{Direction, Event, Millis, Output, Repo, load_sync_state, put_sync_state};
+use crate::chunk;
 use crate::documents::panic_message;
 use crate::error::{DecodeError, RepoError};
 use crate::feed::Origin;
@@ -443,6 +444,16 @@ impl<S: Storage> Repo<S> {
         let pd = conn.docs.get_mut(&doc).expect("inserted above");
         pd.received = true;
         let brings_changes = !message.changes.is_empty();
+        // A whole saved document for one we have nothing of (what a peer
+        // sends a new replica): stored as it came rather than encoded again,
+        // once automerge has loaded it and its heads match.
+        let whole = (message.changes.len() == 1 && loaded.doc.get_heads().is_empty())
+            .then(|| message.changes.iter().next().map(<[u8]>::to_vec))
+            .flatten()
+            .and_then(|bytes| {
+                let header = chunk::saved_header(&bytes)?;
+                header.snapshot.then_some((bytes, header.heads))
+            });
         let before_shared = pd.sync.shared_heads.clone();
         let before_theirs = pd.sync.their_heads.clone();
         let before_last_sent = pd.sync.last_sent_heads.clone();
@@ -534,6 +545,11 @@ impl<S: Storage> Repo<S> {
             if let Some(l) = self.docs.get(&doc)? {
                 l.dirty = true;
                 l.pinned = false;
+            }
+            if let Some((bytes, whole_heads)) = whole
+                && whole_heads == heads
+            {
+                self.docs.received_whole(&doc, bytes);
             }
             let origin = Origin::Remote(peer.peer_id.clone());
             self.on_changed(doc, origin, before, heads, Some(cid));
