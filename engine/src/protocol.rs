@@ -696,32 +696,105 @@ impl SyncFrame {
 /// [`SyncFrame::absorb`] does. Other frames keep their place and end a run.
 /// Returns how many frames were absorbed into the one before.
 pub fn coalesce_sync_frames(frames: &mut Vec<Vec<u8>>) -> usize {
-    if frames.len() < 2 {
+    let mut items: Vec<Option<Vec<u8>>> = frames.drain(..).map(Some).collect();
+    let absorbed = coalesce_sync_frames_in(
+        &mut items,
+        |frame| BatchItem::Frame((), frame),
+        |(), merged| merged,
+    );
+    frames.extend(items.into_iter().flatten());
+    absorbed
+}
+
+/// What an input of a driver's batch is to [`coalesce_sync_frames_in`].
+#[derive(Debug)]
+pub enum BatchItem<'a, C> {
+    /// A frame received on connection `C`.
+    Frame(C, &'a [u8]),
+    /// Anything else about connection `C` (it opened, it closed): ends the
+    /// run of its frames.
+    Event(C),
+    /// Ends every run (a shutdown).
+    Barrier,
+}
+
+/// [`coalesce_sync_frames`] for a batch that mixes the inputs of several
+/// connections: `what` tells what each input is, and `merged` makes the
+/// input that replaces the first frame of a run (on its connection), whose
+/// other frames become `None`. Each connection's inputs keep their order;
+/// those of different connections do not interrupt each other's runs.
+/// Frames are decoded only on connections with two or more in the batch.
+pub fn coalesce_sync_frames_in<T, C: Copy + Eq + std::hash::Hash>(
+    items: &mut [Option<T>],
+    what: impl Fn(&T) -> BatchItem<'_, C>,
+    merged: impl Fn(C, Vec<u8>) -> T,
+) -> usize {
+    use std::collections::HashMap;
+    let mut frames: HashMap<C, usize> = HashMap::new();
+    for item in items.iter().flatten() {
+        if let BatchItem::Frame(c, _) = what(item) {
+            *frames.entry(c).or_default() += 1;
+        }
+    }
+    if frames.values().all(|n| *n < 2) {
         return 0;
     }
-    let before = frames.len();
-    let mut out: Vec<Vec<u8>> = Vec::with_capacity(before);
-    let mut run: Option<SyncFrame> = None;
-    for bytes in frames.drain(..) {
-        match SyncFrame::decode(&bytes) {
-            Some(next) => match &mut run {
-                Some(current) if current.same_kind(&next) => {
-                    current.absorb(next);
+    /// An open run: where its first frame is, the frames merged so far, and
+    /// how many were absorbed.
+    struct Run {
+        at: usize,
+        frame: SyncFrame,
+        taken: usize,
+    }
+    let mut runs: HashMap<C, Run> = HashMap::new();
+    let mut absorbed = 0;
+    let mut close = |items: &mut [Option<T>], c: C, run: Run| {
+        if run.taken > 0 {
+            items[run.at] = Some(merged(c, run.frame.encode()));
+            absorbed += run.taken;
+        }
+    };
+    for i in 0..items.len() {
+        let Some(item) = &items[i] else { continue };
+        let (c, next) = match what(item) {
+            BatchItem::Frame(c, bytes) if frames[&c] >= 2 => (c, SyncFrame::decode(bytes)),
+            BatchItem::Frame(..) => continue,
+            BatchItem::Event(c) => (c, None),
+            BatchItem::Barrier => {
+                for (c, run) in runs.drain() {
+                    close(items, c, run);
                 }
-                _ => {
-                    out.extend(run.take().map(SyncFrame::encode));
-                    run = Some(next);
+                continue;
+            }
+        };
+        let open = runs.remove(&c);
+        match (open, next) {
+            (Some(mut run), Some(next)) if run.frame.same_kind(&next) => {
+                run.frame.absorb(next);
+                run.taken += 1;
+                items[i] = None;
+                runs.insert(c, run);
+            }
+            (open, next) => {
+                if let Some(run) = open {
+                    close(items, c, run);
                 }
-            },
-            None => {
-                out.extend(run.take().map(SyncFrame::encode));
-                out.push(bytes);
+                if let Some(frame) = next {
+                    runs.insert(
+                        c,
+                        Run {
+                            at: i,
+                            frame,
+                            taken: 0,
+                        },
+                    );
+                }
             }
         }
     }
-    out.extend(run.map(SyncFrame::encode));
-    let absorbed = before - out.len();
-    *frames = out;
+    for (c, run) in runs.drain() {
+        close(items, c, run);
+    }
     absorbed
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use governor::clock::Clock;
-use tandem_engine::protocol::{self, SyncFrame};
+use tandem_engine::protocol::{self, BatchItem};
 use tandem_engine::{ConnectionId, Direction, DocumentId, Event, Output, Repo, Storage};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -548,60 +548,21 @@ async fn repo_task<S: Storage>(
 
 /// Under load, a batch may hold several sync messages with changes that one
 /// connection sent back to back for one document (a writer faster than the
-/// relay): hand them to the repo as one ([`SyncFrame::absorb`]). Each
+/// relay): hand them to the repo as one ([`protocol::SyncFrame::absorb`]). Each
 /// connection's inputs keep their order; those of different connections are
 /// independent, and the batch is flushed as a whole anyway. Returns how many
 /// frames were absorbed into the one before.
 fn coalesce_sync_frames(inputs: &mut [Option<Input>]) -> u64 {
-    let mut frames: HashMap<ConnectionId, usize> = HashMap::new();
-    for input in inputs.iter().flatten() {
-        if let Input::Frame { id, .. } = input {
-            *frames.entry(*id).or_default() += 1;
-        }
-    }
-    if frames.values().all(|n| *n < 2) {
-        return 0;
-    }
-    let mut absorbed = 0;
-    for i in 0..inputs.len() {
-        let Some(Input::Frame { id, bytes }) = &inputs[i] else {
-            continue;
-        };
-        let id = *id;
-        if frames[&id] < 2 {
-            continue;
-        }
-        let Some(mut first) = SyncFrame::decode(bytes) else {
-            continue;
-        };
-        let mut taken = 0;
-        for later in inputs.iter_mut().skip(i + 1) {
-            let next = match later {
-                Some(Input::Frame { id: other, bytes }) if *other == id => SyncFrame::decode(bytes),
-                Some(Input::Opened { id: other, .. } | Input::Closed { id: other })
-                    if *other == id =>
-                {
-                    None
-                }
-                Some(Input::Shutdown) => None,
-                _ => continue,
-            };
-            if next.is_some_and(|n| first.absorb(n)) {
-                *later = None;
-                taken += 1;
-            } else {
-                break;
-            }
-        }
-        if taken > 0 {
-            inputs[i] = Some(Input::Frame {
-                id,
-                bytes: first.encode(),
-            });
-            absorbed += taken;
-        }
-    }
-    absorbed
+    let absorbed = protocol::coalesce_sync_frames_in(
+        inputs,
+        |input| match input {
+            Input::Frame { id, bytes } => BatchItem::Frame(*id, bytes),
+            Input::Opened { id, .. } | Input::Closed { id } => BatchItem::Event(*id),
+            Input::Shutdown => BatchItem::Barrier,
+        },
+        |id, bytes| Input::Frame { id, bytes },
+    );
+    absorbed as u64
 }
 
 fn route<S: Storage>(repo: &mut Repo<S>, ctx: &mut Ctx) {
