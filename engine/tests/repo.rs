@@ -612,17 +612,25 @@ fn readers_in_and_out_of_step_all_converge_with_a_sync_window() {
     readers_converge(1);
 }
 
-fn readers_converge(sync_window: usize) {
-    let hub_config = RepoConfig {
-        sync_window,
-        ..config("server")
-    };
+/// A serving hub opened with `hub_config`, and a writer whose document
+/// (with `v` = 0) the hub has stored.
+fn hub_and_writer(
+    hub_config: RepoConfig,
+) -> (Repo<MemoryStorage>, Repo<MemoryStorage>, DocumentId) {
     let mut hub = Repo::open(MemoryStorage::new(), hub_config, ServeOnRequest).unwrap();
     let mut w = client("w");
     let doc = w.create().unwrap();
     put(&mut w, &doc, "v", 0);
     w.flush().unwrap();
     sync_in_process(&mut w, &mut hub, 50).unwrap();
+    (hub, w, doc)
+}
+
+fn readers_converge(sync_window: usize) {
+    let (mut hub, mut w, doc) = hub_and_writer(RepoConfig {
+        sync_window,
+        ..config("server")
+    });
     let mut readers: Vec<Repo<MemoryStorage>> = (0..6).map(|i| client(&format!("r{i}"))).collect();
     let hw = ConnectionId(100);
     w.connect(ConnectionId(1), Direction::Outgoing).unwrap();
@@ -707,17 +715,11 @@ fn sync_frames(repo: &mut Repo<MemoryStorage>, conn: ConnectionId) -> Vec<(Vec<u
 /// message; one that never answers gets them after the timeout.
 #[test]
 fn a_sync_window_holds_changes_until_the_peer_answers() {
-    let hub_config = RepoConfig {
+    let (mut hub, _w, doc) = hub_and_writer(RepoConfig {
         sync_window: 1,
         sync_window_timeout: 250,
         ..config("server")
-    };
-    let mut hub = Repo::open(MemoryStorage::new(), hub_config, ServeOnRequest).unwrap();
-    let mut w = client("w");
-    let doc = w.create().unwrap();
-    put(&mut w, &doc, "v", 0);
-    w.flush().unwrap();
-    sync_in_process(&mut w, &mut hub, 50).unwrap();
+    });
     let mut r = client("r");
     let (rc, hc) = (ConnectionId(1), ConnectionId(9));
     r.connect(rc, Direction::Outgoing).unwrap();

@@ -52,6 +52,43 @@ async fn shared_doc(url: &str, names: &[&str], small_last: bool) -> (DocumentId,
     (doc, clients)
 }
 
+/// A relay with an outbound queue of 4 frames per connection, and three
+/// clients on one document: a writer, a fast reader, and a slow one that is
+/// subscribed and from then on never reads (through a small socket buffer).
+/// Keep `_slow` and `_relay` bound for the whole test.
+struct SlowReader {
+    stats: Arc<RelayStats>,
+    doc: DocumentId,
+    writer: Client,
+    fast: Client,
+    _slow: Client,
+    _relay: support::Relay,
+}
+
+impl SlowReader {
+    async fn start(repo: tandem_engine::Repo<tandem_engine::RedbStorage>) -> Self {
+        let stats = Arc::new(RelayStats::default());
+        let config = RelayConfig {
+            outbound_queue: 4,
+            stats: stats.clone(),
+            ..RelayConfig::default()
+        };
+        let relay = start(repo, config).await;
+        let (doc, mut clients) = shared_doc(&relay.url, &["writer", "fast", "slow"], true).await;
+        let _slow = clients.pop().unwrap();
+        let fast = clients.pop().unwrap();
+        let writer = clients.pop().unwrap();
+        Self {
+            stats,
+            doc,
+            writer,
+            fast,
+            _slow,
+            _relay: relay,
+        }
+    }
+}
+
 /// A writer's run of changes of `size` bytes of noise, at most `count`,
 /// each acknowledged by the relay before the next (so each is its own frame
 /// to every reader), the fast reader reading for `pause` after each.
@@ -92,17 +129,14 @@ impl Writes {
 #[tokio::test]
 async fn a_slow_reader_is_dropped_and_does_not_slow_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let stats = Arc::new(RelayStats::default());
-    let config = RelayConfig {
-        outbound_queue: 4,
-        stats: stats.clone(),
-        ..RelayConfig::default()
-    };
-    let relay = start(server_repo(&dir, ServeOnRequest), config).await;
-    let (doc, mut clients) = shared_doc(&relay.url, &["writer", "fast", "slow"], true).await;
-    let _slow = clients.pop().unwrap(); // subscribed, and from now on never reads
-    let mut fast = clients.pop().unwrap();
-    let mut writer = clients.pop().unwrap();
+    let SlowReader {
+        stats,
+        doc,
+        mut writer,
+        mut fast,
+        _slow,
+        _relay,
+    } = SlowReader::start(server_repo(&dir, ServeOnRequest)).await;
 
     // Changes of 256 KiB: the slow reader's socket buffers fill, then
     // its queue of 4 frames, and it is dropped.
@@ -135,12 +169,6 @@ async fn a_slow_reader_is_dropped_and_does_not_slow_the_others() {
 #[tokio::test]
 async fn with_a_sync_window_a_slow_reader_is_still_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let stats = Arc::new(RelayStats::default());
-    let config = RelayConfig {
-        outbound_queue: 4,
-        stats: stats.clone(),
-        ..RelayConfig::default()
-    };
     let repo = tandem_engine::Repo::open(
         tandem_engine::RedbStorage::open(dir.path().join("relay.redb")).unwrap(),
         tandem_engine::RepoConfig {
@@ -151,11 +179,14 @@ async fn with_a_sync_window_a_slow_reader_is_still_dropped() {
         ServeOnRequest,
     )
     .unwrap();
-    let relay = start(repo, config).await;
-    let (doc, mut clients) = shared_doc(&relay.url, &["writer", "fast", "slow"], true).await;
-    let _slow = clients.pop().unwrap(); // subscribed, and from now on never reads
-    let mut fast = clients.pop().unwrap();
-    let mut writer = clients.pop().unwrap();
+    let SlowReader {
+        stats,
+        doc,
+        mut writer,
+        mut fast,
+        _slow,
+        _relay,
+    } = SlowReader::start(repo).await;
     let writes = Writes {
         count: 400,
         size: 64 * 1024,

@@ -447,12 +447,14 @@ impl<S: Storage> Repo<S> {
         // A whole saved document for one we have nothing of (what a peer
         // sends a new replica): stored as it came rather than encoded again,
         // once automerge has loaded it and its heads match.
-        let whole = (message.changes.len() == 1 && loaded.doc.get_heads().is_empty())
-            .then(|| message.changes.iter().next().map(<[u8]>::to_vec))
-            .flatten()
+        let whole = message
+            .changes
+            .iter()
+            .next()
+            .filter(|_| message.changes.len() == 1 && loaded.doc.get_heads().is_empty())
             .and_then(|bytes| {
-                let header = chunk::saved_header(&bytes)?;
-                header.snapshot.then_some((bytes, header.heads))
+                let header = chunk::saved_header(bytes)?;
+                header.snapshot.then(|| (bytes.to_vec(), header.heads))
             });
         let before_shared = pd.sync.shared_heads.clone();
         let before_theirs = pd.sync.their_heads.clone();
