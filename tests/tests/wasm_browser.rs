@@ -34,7 +34,7 @@ const BUILD_LIMIT: Duration = Duration::from_secs(40 * 60);
 /// The browser test run (compiles the tests, then runs them in Chromium).
 const TEST_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// The gzipped `.wasm` (gzip -9) must stay within this: the target of
-/// 500,000 bytes. The package is about 473,300 bytes (automerge is over half
+/// 500,000 bytes. The package is about 489,000 bytes (automerge is over half
 /// of the code); wasm/build.sh says how it gets there.
 const GZIP_BUDGET: u64 = 500_000;
 
