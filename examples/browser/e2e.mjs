@@ -1,7 +1,8 @@
 // End-to-end test of the browser demo: two headless Chromium pages of
 // examples/browser (Debian's /usr/bin/chromium, driven by playwright-core)
 // sync through a real Tandem relay; then the official automerge-repo client
-// (from tests/js) reads a row document the page wrote, through the relay.
+// (from tests/js) reads a row document the page wrote, through the relay: in
+// Node, and in a third page (the client bundled for the browser by esbuild).
 // Run by tests/tests/browser_e2e.rs, which builds wasm/pkg and starts the
 // relay:
 //
@@ -182,6 +183,7 @@ try {
   await until("the relay to acknowledge the row", () => a.evaluate((id) => window.demo.tandem.isAcknowledged(id), documentId));
   report.documentId = documentId;
   report.automergeRepo = await readWithAutomergeRepo(documentId);
+  report.automergeRepoPage = await readInAPageWithAutomergeRepo(documentId);
   report.key = key;
   console.log(JSON.stringify(report));
 } catch (e) {
@@ -193,6 +195,41 @@ try {
   fs.rmSync(profile, { recursive: true, force: true });
 }
 process.exit(exitCode);
+
+/**
+ * Read a document through the relay with @automerge/automerge-repo (tests/js)
+ * in a page: the client, its websocket adapter and automerge's wasm (as
+ * base64) bundled by esbuild into one module.
+ */
+async function readInAPageWithAutomergeRepo(documentId) {
+  const { build } = await import("esbuild");
+  const entry = `
+    import { Repo, initializeBase64Wasm } from "@automerge/automerge-repo/slim";
+    import { automergeWasmBase64 } from "@automerge/automerge/automerge.wasm.base64";
+    import { BrowserWebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket";
+    window.readWithAutomergeRepo = async (relay, url) => {
+      await initializeBase64Wasm(automergeWasmBase64);
+      const repo = new Repo({ network: [new BrowserWebSocketClientAdapter(relay)], peerId: "e2e-page-automerge-repo" });
+      const handle = await repo.find(url);
+      // Timestamps are uints, which automerge reads as BigInt.
+      return { url: handle.url, doc: JSON.parse(JSON.stringify(handle.doc(), (_, v) => (typeof v === "bigint" ? Number(v) : v))) };
+    };
+    window.automergeRepoReady = true;
+  `;
+  const bundle = await build({
+    stdin: { contents: entry, resolveDir: path.join(ROOT, "tests/js"), loader: "js" },
+    bundle: true, format: "esm", platform: "browser", write: false, logLevel: "error",
+  });
+  const page = await context.newPage();
+  page.on("pageerror", (e) => console.error(`[automerge-repo page error] ${e.message}`));
+  await page.goto(`${origin}/examples/browser/README.md`);
+  await page.addScriptTag({ content: bundle.outputFiles[0].text, type: "module" });
+  await page.waitForFunction(() => window.automergeRepoReady === true, null, { timeout: 30_000 });
+  return await Promise.race([
+    page.evaluate(([relay, url]) => window.readWithAutomergeRepo(relay, url), [args.relay, `automerge:${documentId}`]),
+    sleep(20_000).then(() => { throw new Error(`automerge-repo in a page could not find ${documentId} within 20 s`); }),
+  ]);
+}
 
 /** Read a document through the relay with @automerge/automerge-repo (tests/js). */
 async function readWithAutomergeRepo(documentId) {

@@ -6,7 +6,8 @@
 //! edit the same task, the offline page reloads (its edits come back from
 //! IndexedDB), reconnects, and both pages show the same merged task, with
 //! the title conflict listed. The official `@automerge/automerge-repo` client
-//! (tests/js) then reads the row document through the relay. A screenshot
+//! (tests/js) then reads the row document through the relay, in Node and in
+//! a third page (the client bundled by esbuild). A screenshot
 //! goes to `tests/artifacts/browser-demo.png`.
 //!
 //! Nothing skips: a missing tool (node, npm, chromium, the wasm toolchain)
@@ -155,6 +156,10 @@ fn two_pages_of_the_demo_sync_offline_edits_merge_and_automerge_repo_reads_a_row
                 titles.iter().any(|t| t["value"] == doc["title"]),
                 "the title register holds one of the versions: {doc}"
             );
+            // So did a page with the same client, bundled for the browser.
+            let in_page = &report["automergeRepoPage"];
+            assert_eq!(in_page["url"], read["url"]);
+            assert_eq!(&in_page["doc"], doc, "the page reads what Node read");
 
             relay.stop(Duration::from_secs(30)).await;
         })
