@@ -637,6 +637,9 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
             .repo_mut()
             .change_with(&id, document::stamped(&ts), |d| {
                 ensure_columns(d, &id, &schema)?;
+                if !exists && document::init_new_row(d, &schema, key, &columns)? {
+                    return Ok(());
+                }
                 if revive {
                     clear(d, &schema)?;
                     if d.get(ROOT, document::TABLE)?.is_none() {
