@@ -13,6 +13,8 @@
 #   TANDEM_LOG=info,automerge=warn relay/bench/fanout.sh   # RUST_LOG for the relay
 #   TANDEM_SYNC_WINDOW=1 relay/bench/fanout.sh   # the relay with flow control
 #                                                 (tandem serve --sync-window)
+#   STAMP=field relay/bench/fanout.sh   # send time in the document beside v
+#                                         (default: in each change's message)
 #
 # Needs what .ci/run installs: the Rust toolchain, Node 20, `npm ci` in tests/js.
 # The JSON reports and server logs stay in $BENCH_OUT (default: a temp dir).
@@ -23,6 +25,7 @@ READERS=${READERS:-50}
 RATE=${RATE:-100}
 PHASE_SECS=${PHASE_SECS:-10}
 DRAIN_SECS=${DRAIN_SECS:-10}
+STAMP=${STAMP:-message}
 OUT=${BENCH_OUT:-$(mktemp -d -t tandem-fanout.XXXXXX)}
 mkdir -p "$OUT"
 
@@ -35,7 +38,7 @@ bench() {
   echo "== load: $name"
   if ! "$BIN/tandem-loadgen" --url "$SERVER_URL" --server-pid "$SERVER_PID" \
     --label "$name" --readers "$READERS" --rate "$RATE" \
-    --phase-secs "$PHASE_SECS" --drain-secs "$DRAIN_SECS" --json >"$OUT/$name.json"; then
+    --phase-secs "$PHASE_SECS" --drain-secs "$DRAIN_SECS" --stamp "$STAMP" --json >"$OUT/$name.json"; then
     echo "FAILED: the load generator failed against $name" >&2
     tail -n 20 "$OUT/$name.stderr" >&2 || true
     exit 1

@@ -17,8 +17,12 @@
 //! own, so that neither its pace nor its send times depend on how busy the
 //! readers are. The writer creates the document and waits until the
 //! server has stored it; the readers request it. Then, per phase, the writer
-//! puts `v` (a sequence number) and `t` (its send time, Unix microseconds) in
-//! one change at a time:
+//! puts `v` (a sequence number) in one change at a time, with its send time
+//! (Unix microseconds) as the change's message. (`--stamp field` puts the
+//! send time in the document instead, as key `t` beside `v`: every change
+//! then overwrites two keys, and automerge's apply, which walks the history
+//! of each key it writes, costs the readers and the server about twice as
+//! much per change.) The phases:
 //!
 //! 1. at `--rate` changes/s for `--phase-secs`;
 //! 2. as fast as it can (one change, flush, send, repeat) for `--phase-secs`.
@@ -28,7 +32,7 @@
 //! frames for the document merged into one, as a client that fell behind
 //! does) and then observes the document, as an application rendering it
 //! would: it records each distinct value of `v` it observes and its latency
-//! (observation time minus `t`: the same machine's clock), and, as a
+//! (observation time minus the send time: the same machine's clock), and, as a
 //! diagnostic, when the last frame handled was read off the socket (the rest
 //! is the reader's own queue and apply).
 //!
@@ -46,7 +50,7 @@ use clap::Parser;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tandem_engine::automerge::transaction::Transactable;
+use tandem_engine::automerge::transaction::{CommitOptions, Transactable};
 use tandem_engine::automerge::{ROOT, ReadDoc};
 use tandem_engine::protocol::coalesce_sync_frames;
 use tandem_engine::{
@@ -99,6 +103,12 @@ struct Args {
     /// Name of the server in the report.
     #[arg(long, default_value = "server")]
     label: String,
+    /// Where the writer puts each change's send time: in the change's
+    /// message (`message`, the default: the document holds only `v`), or in
+    /// the document beside `v` (`field`: a second key overwritten by every
+    /// change, which automerge's apply then walks too).
+    #[arg(long, value_enum, default_value_t = Stamp::Message)]
+    stamp: Stamp,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -106,6 +116,42 @@ struct Args {
     /// side, with ratios A/B.
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     compare: Option<Vec<PathBuf>>,
+}
+
+/// Where the send time of a change travels (see `Args::stamp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Stamp {
+    Message,
+    Field,
+}
+
+impl Stamp {
+    fn name(self) -> &'static str {
+        match self {
+            Stamp::Message => "message",
+            Stamp::Field => "field",
+        }
+    }
+
+    /// Put `v` (and `t`, or its message) in one change of `doc`.
+    fn write(
+        self,
+        repo: &mut Repo<MemoryStorage>,
+        doc: &DocumentId,
+        v: u64,
+        t: i64,
+    ) -> Result<(), tandem_engine::RepoError> {
+        match self {
+            Stamp::Message => {
+                let options = CommitOptions::default().with_message(t.to_string());
+                repo.change_with(doc, options, |d| d.put(ROOT, "v", v))
+            }
+            Stamp::Field => repo.change(doc, |d| {
+                d.put(ROOT, "v", v)?;
+                d.put(ROOT, "t", t)
+            }),
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -312,12 +358,10 @@ impl Client {
     async fn create_stored(
         &mut self,
         until: Instant,
-        fill: impl FnOnce(
-            &mut tandem_engine::automerge::AutoCommit,
-        ) -> Result<(), tandem_engine::automerge::AutomergeError>,
+        fill: impl FnOnce(&mut Repo<MemoryStorage>, &DocumentId) -> Result<(), tandem_engine::RepoError>,
     ) -> Result<DocumentId> {
         let doc = self.repo.create()?;
-        self.repo.change(&doc, fill)?;
+        fill(&mut self.repo, &doc)?;
         self.pump().await;
         while !heads_contain(&mut self.repo, &doc) {
             if let Some(e) = &self.closed {
@@ -361,10 +405,18 @@ impl Client {
     }
 }
 
-fn read_vt(repo: &mut Repo<MemoryStorage>, doc: &DocumentId) -> Option<(u64, i64)> {
+/// The document's `v` and the send time of the change that wrote it.
+fn read_vt(repo: &mut Repo<MemoryStorage>, doc: &DocumentId, stamp: Stamp) -> Option<(u64, i64)> {
     repo.view(doc, |d| {
-        let v = d.get(ROOT, "v").ok().flatten()?.0.as_u64()?;
-        let t = d.get(ROOT, "t").ok().flatten()?.0.as_i64()?;
+        let (v, op) = d.get(ROOT, "v").ok().flatten()?;
+        let v = v.as_u64()?;
+        let t = match stamp {
+            Stamp::Field => d.get(ROOT, "t").ok().flatten()?.0.as_i64()?,
+            Stamp::Message => {
+                let change = d.get_change_meta_by_hash(&d.hash_for_opid(&op)?)?;
+                change.message.as_deref()?.parse().ok()?
+            }
+        };
         Some((v, t))
     })
     .ok()
@@ -398,16 +450,14 @@ struct Writer {
     client: Client,
     doc: DocumentId,
     seq: u64,
+    stamp: Stamp,
 }
 
 impl Writer {
     fn put(&mut self) {
         self.seq += 1;
         let (v, t) = (self.seq, now_us());
-        if let Err(e) = self.client.repo.change(&self.doc, |d| {
-            d.put(ROOT, "v", v)?;
-            d.put(ROOT, "t", t)
-        }) {
+        if let Err(e) = self.stamp.write(&mut self.client.repo, &self.doc, v, t) {
             self.client
                 .closed
                 .get_or_insert(format!("change failed: {e}"));
@@ -507,6 +557,7 @@ fn spawn_writer(
     url: String,
     deadline: Instant,
     setup_end: Instant,
+    stamp: Stamp,
     cmds: mpsc::Receiver<WriterCmd>,
     doc: oneshot::Sender<Result<DocumentId>>,
 ) -> Result<std::thread::JoinHandle<()>> {
@@ -522,10 +573,7 @@ fn spawn_writer(
                         Client::connect(&url, "loadgen-writer".into(), deadline).await?;
                     let t = now_us();
                     let id = client
-                        .create_stored(setup_end, |d| {
-                            d.put(ROOT, "v", 0u64)?;
-                            d.put(ROOT, "t", t)
-                        })
+                        .create_stored(setup_end, |repo, doc| stamp.write(repo, doc, 0, t))
                         .await?;
                     anyhow::Ok((client, id))
                 };
@@ -541,6 +589,7 @@ fn spawn_writer(
                     client,
                     doc: id,
                     seq: 0,
+                    stamp,
                 };
                 writer.run(cmds).await.close().await;
             });
@@ -572,6 +621,7 @@ struct ReaderReport {
 async fn reader(
     mut client: Client,
     doc: DocumentId,
+    stamp: Stamp,
     progress: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
 ) -> ReaderReport {
@@ -581,7 +631,7 @@ async fn reader(
     // arrived was applied.
     let mut observe = |client: &mut Client, first: (i64, Vec<u8>)| {
         let arrived_us = client.receive_queued(first);
-        if let Some((v, t)) = read_vt(&mut client.repo, &doc)
+        if let Some((v, t)) = read_vt(&mut client.repo, &doc, stamp)
             && last.is_none_or(|l| v > l)
         {
             last = Some(v);
@@ -838,7 +888,14 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
     // The writer creates the document and waits until the server stored it.
     let (writer_tx, writer_rx) = mpsc::channel(1);
     let (doc_tx, doc_rx) = oneshot::channel();
-    let writer = spawn_writer(url.to_owned(), deadline, setup_end, writer_rx, doc_tx)?;
+    let writer = spawn_writer(
+        url.to_owned(),
+        deadline,
+        setup_end,
+        args.stamp,
+        writer_rx,
+        doc_tx,
+    )?;
     let doc = doc_rx
         .await
         .map_err(|_| anyhow::anyhow!("the writer ended during setup"))?
@@ -858,7 +915,13 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
         let client = c.await??;
         let p = Arc::new(AtomicU64::new(0));
         progress.push(p.clone());
-        readers.push(tokio::spawn(reader(client, doc, p, stop_rx.clone())));
+        readers.push(tokio::spawn(reader(
+            client,
+            doc,
+            args.stamp,
+            p,
+            stop_rx.clone(),
+        )));
     }
     let all_seen = |min: u64| progress.iter().all(|p| p.load(Ordering::Acquire) > min);
     while !all_seen(0) {
@@ -955,6 +1018,7 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
         "label": args.label,
         "url": url,
         "readers": args.readers,
+        "stamp": args.stamp.name(),
         "rate": args.rate,
         "phase_secs": args.phase_secs,
         "setup_secs": round2(setup_secs),
@@ -1091,11 +1155,15 @@ fn compare(a_path: &Path, b_path: &Path) -> Result<()> {
     }
     let (an, bn) = (f(&a["label"]), f(&b["label"]));
     println!(
-        "fan-out: {} readers, rate phase {} changes/s, {} s per phase",
+        "fan-out: {} readers, rate phase {} changes/s, {} s per phase, send time in the {}",
         f(&a["readers"]),
         f(&a["rate"]),
-        f(&a["phase_secs"])
+        f(&a["phase_secs"]),
+        f(&a["stamp"])
     );
+    if a["stamp"] != b["stamp"] {
+        bail!("the two reports carried the send time differently (--stamp)");
+    }
     let empty = Vec::new();
     let (ap, bp) = (
         a["phases"].as_array().unwrap_or(&empty),

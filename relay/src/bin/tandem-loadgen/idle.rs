@@ -94,9 +94,11 @@ async fn run(args: &IdleArgs) -> Result<Value> {
 
     let mut setup = Client::connect(&args.url, "idle-setup".into(), deadline).await?;
     let doc = setup
-        .create_stored(deadline, |d| {
-            d.put(ROOT, "title", "idle benchmark")?;
-            d.put(ROOT, "clients", args.clients as u64)
+        .create_stored(deadline, |repo, doc| {
+            repo.change(doc, |d| {
+                d.put(ROOT, "title", "idle benchmark")?;
+                d.put(ROOT, "clients", args.clients as u64)
+            })
         })
         .await
         .context("setup client")?;
