@@ -152,8 +152,16 @@ fn group_commit_writes_many_documents_in_one_transaction() {
 fn a_commit_writes_only_its_new_changes() {
     let mut repo = client("a");
     let doc = repo.create().unwrap();
-    repo.change(&doc, |d| d.put(ROOT, "big", "x".repeat(20_000)))
-        .unwrap();
+    // Text that does not compress, so the first write is big however it is
+    // stored (a new document is stored as a compressed snapshot).
+    let mut x: u32 = 7;
+    let big: String = (0..20_000)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            char::from(b'a' + (x >> 16) as u8 % 26)
+        })
+        .collect();
+    repo.change(&doc, |d| d.put(ROOT, "big", big)).unwrap();
     let first = repo.flush().unwrap();
     assert!(first.bytes > 1_000, "{first:?}");
     put(&mut repo, &doc, "small", 1);
@@ -207,6 +215,45 @@ fn documents_reload_from_disk_with_compaction_in_between() {
         let last = (0..300).filter(|i| i % 40 == k).max().unwrap();
         assert_eq!(get(&mut repo, &doc, &format!("k{k}")), Some(last));
     }
+}
+
+#[test]
+fn a_new_document_is_stored_whole_then_grows_by_increments() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let kinds = |repo: &Repo<RedbStorage>, doc: &DocumentId| -> Vec<String> {
+        let prefix = StorageKey::new([doc.to_string()]).unwrap();
+        let stored = repo.storage().scan(&prefix, None, usize::MAX).unwrap();
+        stored.iter().map(|(k, _)| k.parts()[1].clone()).collect()
+    };
+    let (doc, empty);
+    {
+        let mut repo =
+            Repo::open(RedbStorage::open(&path).unwrap(), config("a"), ShareAll).unwrap();
+        doc = repo.create().unwrap();
+        empty = repo.create().unwrap();
+        put(&mut repo, &doc, "n", 1);
+        repo.flush().unwrap();
+        assert_eq!(
+            kinds(&repo, &doc),
+            ["snapshot"],
+            "first write: one snapshot"
+        );
+        assert!(
+            kinds(&repo, &empty).is_empty(),
+            "an empty document stores nothing"
+        );
+        put(&mut repo, &doc, "m", 2);
+        repo.flush().unwrap();
+        assert_eq!(kinds(&repo, &doc), ["incremental", "snapshot"]);
+        put(&mut repo, &empty, "e", 3);
+        repo.flush().unwrap();
+        assert_eq!(kinds(&repo, &empty), ["snapshot"]);
+    }
+    let mut repo = Repo::open(RedbStorage::open(&path).unwrap(), config("a"), ShareAll).unwrap();
+    assert_eq!(get(&mut repo, &doc, "n"), Some(1));
+    assert_eq!(get(&mut repo, &doc, "m"), Some(2));
+    assert_eq!(get(&mut repo, &empty, "e"), Some(3));
 }
 
 #[test]

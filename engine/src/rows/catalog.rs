@@ -119,10 +119,13 @@ pub(crate) fn put(
     key: &str,
     generation: u64,
 ) -> Result<(), automerge::AutomergeError> {
-    if rows_map(d).is_none() {
-        d.apply_changes([genesis(table, shard, shards)])?;
-    }
-    let rows = rows_map(d).expect("genesis creates the map");
+    let rows = match rows_map(d) {
+        Some(rows) => rows,
+        None => {
+            d.apply_changes([genesis(table, shard, shards)])?;
+            rows_map(d).expect("genesis creates the map")
+        }
+    };
     d.put(&rows, key, generation)?;
     Ok(())
 }
