@@ -472,6 +472,19 @@ mod tests {
     }
 
     #[test]
+    fn a_saved_live_row_is_known_live_without_loading() {
+        let schema = TableSchema::new("tasks");
+        let mut d = AutoCommit::new();
+        write(&mut d, &schema, false);
+        // As a store keeps it: a snapshot when first stored, or changes.
+        assert!(surely_live(&d.save()));
+        assert!(surely_live(&d.save_after(&[])));
+        d.put(ROOT, DELETED, 1).unwrap();
+        d.commit();
+        assert!(!surely_live(&d.save()));
+    }
+
+    #[test]
     fn only_an_empty_document_and_register_columns_take_the_batch() {
         let schema = TableSchema::new("tasks");
         let mut d = AutoCommit::new();
