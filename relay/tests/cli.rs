@@ -255,8 +255,9 @@ fn compact_folds_every_document_into_one_snapshot_and_refuses_a_store_in_use() {
     let data = dir.path().to_str().unwrap();
     let store = dir.path().join("store.redb");
 
-    // Four documents of 80 flushed changes each: 80 incrementals apiece
-    // (automatic compaction is off for this writer).
+    // Four documents of 80 flushed changes each: the first stored as a
+    // snapshot, then 79 incrementals apiece (automatic compaction is off
+    // for this writer).
     let mut config = RepoConfig::new(PeerId::new("writer"));
     config.documents.compaction_min_bytes = usize::MAX;
     let mut repo = Repo::open(RedbStorage::open(&store).unwrap(), config, ShareAll).unwrap();
@@ -283,7 +284,7 @@ fn compact_folds_every_document_into_one_snapshot_and_refuses_a_store_in_use() {
         let (snapshots, incrementals, bytes) = chunks(repo.storage(), doc);
         assert_eq!(
             (snapshots, incrementals),
-            (0, 80),
+            (1, 79),
             "the setup did not keep incrementals"
         );
         stored_before += bytes;
