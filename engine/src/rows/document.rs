@@ -200,7 +200,8 @@ pub(crate) fn init_new_row(
     key: &str,
     columns: &[(String, Value)],
 ) -> Result<bool, automerge::AutomergeError> {
-    let empty = d.get_heads().is_empty() && d.pending_ops() == 0;
+    // Pending operations first: `get_heads` would commit them.
+    let empty = d.pending_ops() == 0 && d.get_heads().is_empty();
     if !empty
         || columns
             .iter()
@@ -493,6 +494,7 @@ mod tests {
             !init_new_row(&mut d, &schema, "k", &columns()).unwrap(),
             "pending op"
         );
+        assert_eq!(d.pending_ops(), 1, "the pending operation is left pending");
         d.commit();
         assert!(
             !init_new_row(&mut d, &schema, "k", &columns()).unwrap(),
