@@ -440,7 +440,7 @@ impl<S: Storage> Documents<S> {
             if first || grown > min.max(snapshot_bytes.saturating_mul(ratio)) {
                 // Fold everything into one snapshot; drop the rest, atomically.
                 let bytes = loaded.doc.save();
-                let key = doc_key(id, "snapshot", heads_hash(&loaded.doc.get_heads()));
+                let key = doc_key(id, "snapshot", heads_hash(&loaded.saved));
                 if let Some((old, _)) = &loaded.snapshot
                     && *old != key
                 {
