@@ -14,6 +14,7 @@
 
 mod connection;
 mod network;
+mod receive;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};

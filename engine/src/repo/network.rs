@@ -479,10 +479,7 @@ impl<S: Storage> Repo<S> {
                 let before_state = memo.is_some().then(|| pd.sync.clone());
                 let result = catch_unwind(AssertUnwindSafe(|| {
                     let before = loaded.doc.get_heads();
-                    loaded
-                        .doc
-                        .sync()
-                        .receive_sync_message(&mut pd.sync, message)?;
+                    super::receive::receive_sync_message(&mut loaded.doc, &mut pd.sync, message)?;
                     let after = loaded.doc.get_heads();
                     Ok::<_, AutomergeError>((after != before).then_some((before, after)))
                 }));
