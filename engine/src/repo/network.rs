@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use automerge::sync::{self, SyncDoc};
+use automerge::sync;
 use automerge::{AutomergeError, ChangeHash};
 
 use super::connection::{ConnState, Connection, PeerDoc};
