@@ -4,7 +4,9 @@
 //! - no subcommand: the fan-out benchmark (below; relay/bench/fanout.sh);
 //! - `idle`: memory per idle connection (relay/bench/idle.sh, module `idle`);
 //! - `seed` and `cold-start`: first sync after launch over a store of many
-//!   documents (relay/bench/coldstart.sh, module `cold_start`).
+//!   documents (relay/bench/coldstart.sh, module `cold_start`);
+//! - `apply-cost`: what a fan-out reader pays automerge per applied batch,
+//!   without server or network (module `apply_cost`).
 //!
 //! `--compare A B` prints two JSON reports of the same kind side by side.
 //!
@@ -64,6 +66,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 // The other benchmarks, one file each beside this one (a directory without
 // main.rs, so cargo does not take them for binaries).
+#[path = "tandem-loadgen/apply_cost.rs"]
+mod apply_cost;
 #[path = "tandem-loadgen/cold_start.rs"]
 mod cold_start;
 #[path = "tandem-loadgen/idle.rs"]
@@ -165,6 +169,10 @@ enum Bench {
     /// Launch a server command repeatedly and time each launch until the
     /// first sync of a stored document completes.
     ColdStart(cold_start::ColdStartArgs),
+    /// What a fan-out reader pays automerge to apply a batch of changes to a
+    /// key with a history, without server or network: the floor under any
+    /// server's fan-out latency on this machine.
+    ApplyCost(apply_cost::ApplyCostArgs),
 }
 
 type Socket =
@@ -1230,6 +1238,7 @@ fn main() -> Result<()> {
         Some(Bench::Idle(a)) => return idle::main(a),
         Some(Bench::Seed(a)) => return cold_start::seed(a),
         Some(Bench::ColdStart(a)) => return cold_start::main(a),
+        Some(Bench::ApplyCost(a)) => return apply_cost::main(a),
         None => {}
     }
     let url = args.url.clone().context("--url is required")?;

@@ -1,0 +1,118 @@
+//! The benchmark harness itself: `tandem-loadgen` runs a short fan-out
+//! against a real `tandem serve` on 127.0.0.1 and reports what its readers
+//! saw, and `apply-cost` reports one row per pair of sizes. Figures are not
+//! judged here (they are the benchmarks' business); the harness must work.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+fn loadgen(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem-loadgen"))
+        .args(args)
+        .output()
+        .expect("cannot run tandem-loadgen");
+    assert!(
+        out.status.success(),
+        "tandem-loadgen {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON report")
+}
+
+#[test]
+fn a_short_fan_out_reaches_every_reader() {
+    let data = tempfile::tempdir().unwrap();
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-anonymous",
+            "--data",
+        ])
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start tandem");
+    let mut banner = String::new();
+    BufReader::new(relay.stdout.take().unwrap())
+        .read_line(&mut banner)
+        .unwrap();
+    let url = banner
+        .split_whitespace()
+        .find(|w| w.starts_with("ws://"))
+        .unwrap_or_else(|| panic!("no URL in the banner {banner:?}"))
+        .to_owned();
+    let pid = relay.id().to_string();
+    let report = loadgen(&[
+        "--url",
+        &url,
+        "--server-pid",
+        &pid,
+        "--readers",
+        "3",
+        "--rate",
+        "20",
+        "--phase-secs",
+        "1",
+        "--drain-secs",
+        "20",
+        "--json",
+    ]);
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+
+    assert_eq!(report["readers"], 3);
+    assert_eq!(report["readers_disconnected"].as_array().unwrap().len(), 0);
+    let phases = report["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 2, "a paced phase and a full-speed one");
+    for phase in phases {
+        let name = &phase["phase"];
+        let sent = phase["sent"].as_u64().unwrap();
+        assert!(sent > 0, "{name}: nothing sent");
+        assert_eq!(phase["caught_up_readers"], 3, "{name}: {phase}");
+        // Every reader saw at least the last value, and never more values
+        // than were sent.
+        let seen = &phase["distinct_seen"];
+        assert!(seen["min"].as_u64().unwrap() >= 1, "{name}: {seen}");
+        assert!(seen["max"].as_u64().unwrap() <= sent, "{name}: {seen}");
+        assert!(phase["latency_ms"]["observations"].as_u64().unwrap() >= 3);
+        // The server was sampled.
+        assert!(phase["server"].is_object(), "{name}: {}", phase["server"]);
+    }
+    assert!(report["frames"]["to_readers"].as_u64().unwrap() >= 3);
+}
+
+#[test]
+fn apply_cost_reports_every_pair_of_sizes() {
+    let report = loadgen(&[
+        "apply-cost",
+        "--history",
+        "10,50",
+        "--batch",
+        "1,4",
+        "--reps",
+        "3",
+        "--readers",
+        "2",
+        "--json",
+    ]);
+    let rows = report["rows"].as_array().unwrap();
+    let pairs: Vec<(u64, u64)> = rows
+        .iter()
+        .map(|r| (r["history"].as_u64().unwrap(), r["batch"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(pairs, [(10, 1), (10, 4), (50, 1), (50, 4)]);
+    for row in rows {
+        let batch = row["us_per_batch"].as_f64().unwrap();
+        let change = row["us_per_change"].as_f64().unwrap();
+        let all = row["ms_for_all_readers"].as_f64().unwrap();
+        assert!(batch > 0.0, "{row}");
+        let per = row["batch"].as_f64().unwrap();
+        assert!((change * per - batch).abs() <= 0.1 * per + 0.1, "{row}");
+        assert!((all - batch * 2.0 / 1000.0).abs() <= 0.1, "{row}");
+    }
+}
