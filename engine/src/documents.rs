@@ -87,7 +87,8 @@ fn heads_hash(heads: &[ChangeHash]) -> String {
 /// Tuning for the document cache and compaction.
 #[derive(Clone, Debug)]
 pub struct DocumentsConfig {
-    /// Documents kept in memory before idle ones are evicted.
+    /// Documents kept in memory before idle ones are evicted. Past it, the
+    /// least recently used idle ones go until a sixteenth of it is free.
     pub max_loaded_documents: usize,
     /// Incremental bytes below which a document is never compacted.
     pub compaction_min_bytes: usize,
@@ -548,13 +549,18 @@ impl<S: Storage> Documents<S> {
         ids
     }
 
-    /// Evict least recently used documents that are clean and unpinned until
-    /// at most the budget stays loaded.
+    /// Once more than the budget is loaded, evict least recently used
+    /// documents that are clean and unpinned until a sixteenth of the budget
+    /// is free. Finding them means looking at every loaded document, so a
+    /// store that loads a new document per flush (updates spread over more
+    /// rows than the budget) pays that once per budget/16 flushes rather
+    /// than at every flush.
     pub(crate) fn evict_over_budget(&mut self) -> usize {
-        let budget = self.config.max_loaded_documents;
-        if self.loaded.len() <= budget {
+        let limit = self.config.max_loaded_documents;
+        if self.loaded.len() <= limit {
             return 0;
         }
+        let budget = limit - limit / 16;
         let mut idle: Vec<(u64, DocumentId)> = self
             .loaded
             .iter()

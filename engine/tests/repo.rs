@@ -275,6 +275,32 @@ fn idle_documents_are_evicted_and_reload_transparently() {
 }
 
 #[test]
+fn an_eviction_frees_a_sixteenth_of_the_budget_at_once() {
+    let mut cfg = config("a");
+    cfg.documents.max_loaded_documents = 32;
+    let mut repo = Repo::open(MemoryStorage::new(), cfg, ShareAll).unwrap();
+    let docs: Vec<_> = (0..32).map(|_| repo.create().unwrap()).collect();
+    for (i, d) in docs.iter().enumerate() {
+        put(&mut repo, d, "n", i as i64);
+    }
+    // At the budget: nothing goes.
+    assert_eq!(repo.flush().unwrap().evicted, 0);
+    assert_eq!(repo.loaded_documents(), 32);
+    // One over: down to 30 (32 - 32/16), the least recently used first.
+    let extra = repo.create().unwrap();
+    put(&mut repo, &extra, "n", 99);
+    assert_eq!(repo.flush().unwrap().evicted, 3);
+    assert_eq!(repo.loaded_documents(), 30);
+    assert!(!repo.is_loaded(&docs[0]) && !repo.is_loaded(&docs[2]));
+    assert!(repo.is_loaded(&docs[3]) && repo.is_loaded(&extra));
+    // The next new document fits without another eviction.
+    let another = repo.create().unwrap();
+    put(&mut repo, &another, "n", 100);
+    assert_eq!(repo.flush().unwrap().evicted, 0);
+    assert_eq!(get(&mut repo, &docs[0], "n"), Some(0));
+}
+
+#[test]
 fn the_store_keeps_its_id_and_lists_its_documents() {
     let storage = Arc::new(MemoryStorage::new());
     let (id, doc) = {
