@@ -256,15 +256,22 @@ fn a_new_document_is_stored_whole_then_grows_by_increments() {
     assert_eq!(get(&mut repo, &empty, "e"), Some(3));
 }
 
-#[test]
-fn idle_documents_are_evicted_and_reload_transparently() {
+/// A repo that keeps at most `budget` documents loaded, with `n` new
+/// documents written in order (`n` = their index), not flushed yet.
+fn with_budget(budget: usize, n: usize) -> (Repo<MemoryStorage>, Vec<DocumentId>) {
     let mut cfg = config("a");
-    cfg.documents.max_loaded_documents = 3;
+    cfg.documents.max_loaded_documents = budget;
     let mut repo = Repo::open(MemoryStorage::new(), cfg, ShareAll).unwrap();
-    let docs: Vec<_> = (0..10).map(|_| repo.create().unwrap()).collect();
+    let docs: Vec<_> = (0..n).map(|_| repo.create().unwrap()).collect();
     for (i, d) in docs.iter().enumerate() {
         put(&mut repo, d, "n", i as i64);
     }
+    (repo, docs)
+}
+
+#[test]
+fn idle_documents_are_evicted_and_reload_transparently() {
+    let (mut repo, docs) = with_budget(3, 10);
     let report = repo.flush().unwrap();
     assert_eq!(report.evicted, 7);
     assert_eq!(repo.loaded_documents(), 3);
@@ -276,13 +283,7 @@ fn idle_documents_are_evicted_and_reload_transparently() {
 
 #[test]
 fn an_eviction_frees_a_sixteenth_of_the_budget_at_once() {
-    let mut cfg = config("a");
-    cfg.documents.max_loaded_documents = 32;
-    let mut repo = Repo::open(MemoryStorage::new(), cfg, ShareAll).unwrap();
-    let docs: Vec<_> = (0..32).map(|_| repo.create().unwrap()).collect();
-    for (i, d) in docs.iter().enumerate() {
-        put(&mut repo, d, "n", i as i64);
-    }
+    let (mut repo, docs) = with_budget(32, 32);
     // At the budget: nothing goes.
     assert_eq!(repo.flush().unwrap().evicted, 0);
     assert_eq!(repo.loaded_documents(), 32);

@@ -6,36 +6,14 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Client, acked, value};
+use support::{Client, acked, start_binary as start, value};
 use tandem_engine::automerge::{AutoSerde, ChangeHash, ROOT, transaction::Transactable};
 use tandem_engine::{
     DocumentId, PeerId, RedbStorage, Repo, RepoConfig, ShareAll, Storage, StorageKey,
 };
-
-/// Start `tandem serve` on a free port; returns the child and its URL.
-fn start(data: &std::path::Path, auth: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .args(auth)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cannot start tandem");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("ws://"))
-        .unwrap_or_else(|| panic!("no URL in the banner {line:?}"))
-        .to_owned();
-    (child, url)
-}
 
 fn tandem(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tandem"))

@@ -3,8 +3,9 @@
 //! saw, and `apply-cost` reports one row per pair of sizes. Figures are not
 //! judged here (they are the benchmarks' business); the harness must work.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod support;
+
+use std::process::Command;
 
 use serde_json::Value;
 
@@ -24,28 +25,7 @@ fn loadgen(args: &[&str]) -> Value {
 #[test]
 fn a_short_fan_out_reaches_every_reader() {
     let data = tempfile::tempdir().unwrap();
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--allow-anonymous",
-            "--data",
-        ])
-        .arg(data.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cannot start tandem");
-    let mut banner = String::new();
-    BufReader::new(relay.stdout.take().unwrap())
-        .read_line(&mut banner)
-        .unwrap();
-    let url = banner
-        .split_whitespace()
-        .find(|w| w.starts_with("ws://"))
-        .unwrap_or_else(|| panic!("no URL in the banner {banner:?}"))
-        .to_owned();
+    let (mut relay, url) = support::start_binary(data.path(), &["--allow-anonymous"]);
     let pid = relay.id().to_string();
     let report = loadgen(&[
         "--url",
