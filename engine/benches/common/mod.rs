@@ -36,9 +36,9 @@ pub fn raw_redb_commit(db: &Database, key: u64) {
     txn.commit().unwrap();
 }
 
-/// A small five-field document, like a task row.
-/// The same five fields written into an empty document in one batch
-/// (`init_root_from_hydrate`): bare automerge's fastest way to create them.
+/// The five fields of [`five_fields`], written into an empty document in
+/// one batch (`init_root_from_hydrate`): bare automerge's fastest way to
+/// create them.
 #[allow(dead_code)] // each bench binary compiles this module; not all use it
 pub fn five_fields_at_once(d: &mut AutoCommit, i: usize) -> Result<(), automerge::AutomergeError> {
     use automerge::{ScalarValue, hydrate};
@@ -56,6 +56,7 @@ pub fn five_fields_at_once(d: &mut AutoCommit, i: usize) -> Result<(), automerge
     d.init_root_from_hydrate(&hydrate::Map::from(root))
 }
 
+/// A small five-field document, like a task row.
 pub fn five_fields(d: &mut AutoCommit, i: usize) -> Result<(), automerge::AutomergeError> {
     d.put(ROOT, "id", i as i64)?;
     d.put(ROOT, "title", format!("task {i}"))?;

@@ -16,8 +16,6 @@
 //! bookkeeping itself, field for field. Every other message goes to
 //! automerge unchanged. The tests compare the two on random histories.
 
-use std::collections::HashSet;
-
 use automerge::sync::{self, MessageFlags, SyncDoc};
 use automerge::{AutoCommit, AutomergeError, ChangeHash};
 
@@ -59,6 +57,8 @@ pub(crate) fn receive_sync_message(
     }
 
     let brings_changes = !changes.is_empty();
+    // Our heads from here on: only applying their changes moves them.
+    let mut our_heads = None;
     if brings_changes && !state.read_only {
         let mut bytes = Vec::with_capacity(changes.iter().map(<[u8]>::len).sum());
         for chunk in changes.iter() {
@@ -67,7 +67,9 @@ pub(crate) fn receive_sync_message(
         doc.load_incremental(&bytes)?;
         let after_heads = doc.document().get_heads();
         state.shared_heads = advance_heads(&before_heads, &after_heads, &state.shared_heads);
+        our_heads = Some(after_heads);
     }
+    let our_heads = our_heads.as_ref().unwrap_or(&before_heads);
 
     // The walk would have removed every sent hash: each is one of `heads`.
     state.sent_hashes.clear();
@@ -77,10 +79,9 @@ pub(crate) fn receive_sync_message(
     }
 
     let doc = doc.document();
-    let ours: HashSet<ChangeHash> = doc.get_heads().into_iter().collect();
     let known: Vec<ChangeHash> = heads
         .iter()
-        .filter(|h| ours.contains(h) || doc.get_change_meta_by_hash(h).is_some())
+        .filter(|h| our_heads.contains(h) || doc.get_change_meta_by_hash(h).is_some())
         .copied()
         .collect();
     if known.len() == heads.len() {

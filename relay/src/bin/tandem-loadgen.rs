@@ -1159,6 +1159,9 @@ fn compare(a_path: &Path, b_path: &Path) -> Result<()> {
     match a["kind"].as_str() {
         Some("idle") => return idle::compare(&a, &b),
         Some("cold-start") => return cold_start::compare(&a, &b),
+        Some("apply-cost") => {
+            bail!("apply-cost reports measure automerge alone: nothing to compare")
+        }
         _ => {}
     }
     let (an, bn) = (f(&a["label"]), f(&b["label"]));

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tandem_engine::automerge::transaction::Transactable;
 use tandem_engine::automerge::{AutoCommit, ROOT};
 
-use super::{emit, round1};
+use super::{emit, pct, round1};
 
 /// Settings of `tandem-loadgen apply-cost`.
 #[derive(Debug, clap::Args)]
@@ -71,7 +71,7 @@ fn measure(base: &mut AutoCommit, history: usize, batch: usize, reps: usize) -> 
         }
     }
     times.sort();
-    Ok(times[reps / 2])
+    Ok(pct(&times, 50.0).expect("at least one run"))
 }
 
 pub fn main(args: &ApplyCostArgs) -> Result<()> {
@@ -94,7 +94,7 @@ pub fn main(args: &ApplyCostArgs) -> Result<()> {
         }
     }
     let report = json!({
-        "bench": "apply-cost",
+        "kind": "apply-cost",
         "readers": args.readers,
         "reps": args.reps,
         "rows": rows,
