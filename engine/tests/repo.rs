@@ -257,7 +257,8 @@ fn a_new_document_is_stored_whole_then_grows_by_increments() {
 }
 
 /// A repo that keeps at most `budget` documents loaded, with `n` new
-/// documents written in order (`n` = their index), not flushed yet.
+/// documents written in order (key `n` set to each one's index), not
+/// flushed yet.
 fn with_budget(budget: usize, n: usize) -> (Repo<MemoryStorage>, Vec<DocumentId>) {
     let mut cfg = config("a");
     cfg.documents.max_loaded_documents = budget;
