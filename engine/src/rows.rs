@@ -350,36 +350,65 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
         Ok(index.entries.get(key).copied())
     }
 
+    /// List `entries` (key, generation) in the table's catalogs: one
+    /// catalog change per shard touched, whatever the number of keys.
     fn list_in_catalog(
         &mut self,
         schema: &TableSchema,
-        key: &str,
-        generation: u64,
+        entries: &[(String, u64)],
     ) -> Result<(), RowError> {
-        let shard = catalog::shard_of(&schema.name, key, schema.shards);
+        let mut by_shard: BTreeMap<u32, Vec<&(String, u64)>> = BTreeMap::new();
+        for entry in entries {
+            let shard = catalog::shard_of(&schema.name, &entry.0, schema.shards);
+            by_shard.entry(shard).or_default().push(entry);
+        }
+        for (shard, entries) in by_shard {
+            self.list_in_shard(schema, shard, &entries)?;
+        }
+        Ok(())
+    }
+
+    fn list_in_shard(
+        &mut self,
+        schema: &TableSchema,
+        shard: u32,
+        entries: &[&(String, u64)],
+    ) -> Result<(), RowError> {
         let id = catalog::shard_id(&schema.name, shard);
         if !self.repo_mut().contains(&id)? {
             self.repo_mut().create_with_id(id)?;
         }
         let before = self.repo_mut().view(&id, |d| d.get_heads())?;
-        let fresh = self
+        let index = self
             .catalogs
             .get(&id)
-            .is_some_and(|i| i.heads.as_ref() == Some(&before));
-        if fresh && self.catalogs[&id].entries.get(key) == Some(&generation) {
+            .filter(|i| i.heads.as_ref() == Some(&before));
+        let fresh = index.is_some();
+        // A fresh index knows which keys are listed at which generation.
+        let todo: Vec<&(String, u64)> = entries
+            .iter()
+            .copied()
+            .filter(|(key, generation)| {
+                index.is_none_or(|i| i.entries.get(key) != Some(generation))
+            })
+            .collect();
+        if todo.is_empty() {
             return Ok(());
         }
-        // A fresh index knows the key is not listed at this generation.
         self.repo_mut().change(&id, |d| {
-            if fresh || catalog::generation(d, key) != Some(generation) {
-                catalog::put(d, &schema.name, shard, schema.shards, key, generation)?;
+            for (key, generation) in &todo {
+                if fresh || catalog::generation(d, key) != Some(*generation) {
+                    catalog::put(d, &schema.name, shard, schema.shards, key, *generation)?;
+                }
             }
             Ok(())
         })?;
         if fresh {
             let after = self.repo_mut().view(&id, |d| d.get_heads())?;
             let index = self.catalogs.get_mut(&id).expect("fresh");
-            index.entries.insert(key.to_owned(), generation);
+            for (key, generation) in todo {
+                index.entries.insert(key.clone(), *generation);
+            }
             index.heads = Some(after);
         }
         Ok(())
@@ -436,6 +465,28 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
         columns: impl IntoIterator<Item = (C, Value)>,
     ) -> Result<(), RowError> {
         self.write(key, collect(columns), Mode::Upsert)
+    }
+
+    /// Insert many rows, `(key, columns)` each, as [`insert`](Self::insert)
+    /// would one by one, but listing the new rows in the table's catalog
+    /// with one change per catalog shard instead of one per row: the way
+    /// to load rows in bulk. Returns how many rows were inserted. On an
+    /// error (for example [`RowError::AlreadyExists`]) the rows before the
+    /// failing one are inserted and listed, the rest are not.
+    pub fn insert_many<K: AsRef<str>, C: Into<String>, I: IntoIterator<Item = (C, Value)>>(
+        &mut self,
+        rows: impl IntoIterator<Item = (K, I)>,
+    ) -> Result<usize, RowError> {
+        self.write_many(rows, Mode::Insert)
+    }
+
+    /// [`upsert`](Self::upsert) for many rows, with the catalog listing of
+    /// [`insert_many`](Self::insert_many).
+    pub fn upsert_many<K: AsRef<str>, C: Into<String>, I: IntoIterator<Item = (C, Value)>>(
+        &mut self,
+        rows: impl IntoIterator<Item = (K, I)>,
+    ) -> Result<usize, RowError> {
+        self.write_many(rows, Mode::Upsert)
     }
 
     /// Set some columns of an existing row ([`RowError::NotFound`] if there
@@ -585,12 +636,60 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
         }
     }
 
+    /// Write one row and list it in the catalog if it was absent or deleted.
     fn write(
         &mut self,
         key: &str,
         columns: Vec<(String, Value)>,
         mode: Mode,
     ) -> Result<(), RowError> {
+        if let Some(generation) = self.write_row(key, columns, mode)? {
+            let schema = self.schema.clone();
+            self.rows
+                .list_in_catalog(&schema, &[(key.to_owned(), generation)])?;
+        }
+        Ok(())
+    }
+
+    /// Write many rows, then list the new ones in one catalog change per
+    /// shard. On an error, the rows written before it stay written (and
+    /// listed), as with one call per row.
+    fn write_many<K: AsRef<str>, C: Into<String>, I: IntoIterator<Item = (C, Value)>>(
+        &mut self,
+        rows: impl IntoIterator<Item = (K, I)>,
+        mode: Mode,
+    ) -> Result<usize, RowError> {
+        let mut written = 0;
+        let mut listings = Vec::new();
+        let mut result = Ok(());
+        for (key, columns) in rows {
+            let key = key.as_ref();
+            match self.write_row(key, collect(columns), mode) {
+                Ok(listing) => {
+                    written += 1;
+                    if let Some(generation) = listing {
+                        listings.push((key.to_owned(), generation));
+                    }
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let schema = self.schema.clone();
+        self.rows.list_in_catalog(&schema, &listings)?;
+        result.map(|()| written)
+    }
+
+    /// Write one row; the generation to list it at if it was absent or
+    /// deleted (the caller lists it before handing control back).
+    fn write_row(
+        &mut self,
+        key: &str,
+        columns: Vec<(String, Value)>,
+        mode: Mode,
+    ) -> Result<Option<u64>, RowError> {
         for (c, v) in &columns {
             self.check_column(c, v)?;
         }
@@ -652,10 +751,7 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
                 }
                 Ok(())
             })?;
-        if revive {
-            self.rows.list_in_catalog(&schema, key, generation)?;
-        }
-        Ok(())
+        Ok(revive.then_some(generation))
     }
 
     fn check_column(&self, column: &str, value: &Value) -> Result<(), RowError> {

@@ -854,3 +854,141 @@ fn rows_can_borrow_a_repo_owned_elsewhere() {
         Some(&Value::Int(2))
     );
 }
+
+/// The number of changes in each catalog document of the store (any
+/// document with the catalog's `_shards` key, as docs/patterns.md says).
+fn catalog_changes(r: &mut Store) -> Vec<usize> {
+    use tandem_engine::automerge::{ROOT, ReadDoc};
+    r.flush().unwrap();
+    let mut out = Vec::new();
+    for id in r.repo().document_ids().unwrap() {
+        let changes = r
+            .repo_mut()
+            .view(&id, |d| {
+                d.get(ROOT, "_shards")
+                    .unwrap()
+                    .map(|_| d.get_changes(&[]).len())
+            })
+            .unwrap();
+        out.extend(changes);
+    }
+    out
+}
+
+fn numbered(range: std::ops::Range<i64>) -> Vec<(String, [(&'static str, Value); 1])> {
+    range
+        .map(|i| (format!("k{i:03}"), [("n", Value::Int(i))]))
+        .collect()
+}
+
+#[test]
+fn insert_many_lists_its_rows_with_one_catalog_change_per_shard() {
+    let schema = TableSchema::new("tasks").shards(4);
+    let (mut a, _) = replica("a", &schema);
+    let (mut one_by_one, _) = replica("c", &schema);
+    assert_eq!(a.table("tasks").insert_many(numbered(0..200)).unwrap(), 200);
+    for (key, columns) in numbered(0..200) {
+        one_by_one.table("tasks").insert(&key, columns).unwrap();
+    }
+    // Each shard: its genesis change and one listing of all its new rows;
+    // one change per row when inserted one by one.
+    assert_eq!(catalog_changes(&mut a), vec![2; 4]);
+    let mut per_row = catalog_changes(&mut one_by_one);
+    per_row.sort();
+    assert_eq!(per_row.iter().sum::<usize>(), 4 + 200, "{per_row:?}");
+    // The same rows either way, here and on a replica that syncs the table.
+    let rows = a.table("tasks").scan().unwrap();
+    assert_eq!(rows, one_by_one.table("tasks").scan().unwrap());
+    assert_eq!(rows.len(), 200);
+    assert_eq!(rows[7].key, "k007");
+    assert_eq!(rows[7].get("n"), Some(&Value::Int(7)));
+    let (mut b, _) = replica("b", &schema);
+    link(&mut a, &mut b);
+    assert_eq!(b.table("tasks").scan().unwrap(), rows);
+}
+
+#[test]
+fn insert_many_stops_at_the_first_error_and_keeps_the_rows_before_it() {
+    let schema = TableSchema::new("tasks");
+    let (mut a, _) = replica("a", &schema);
+    a.table("tasks")
+        .insert("k002", [("n", s("first"))])
+        .unwrap();
+    let err = a.table("tasks").insert_many(numbered(0..5)).unwrap_err();
+    assert!(
+        matches!(&err, RowError::AlreadyExists { key, .. } if key == "k002"),
+        "{err:?}"
+    );
+    let keys: Vec<String> = a
+        .table("tasks")
+        .scan()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(keys, ["k000", "k001", "k002"]);
+    assert_eq!(
+        a.table("tasks").get("k002").unwrap().unwrap().get("n"),
+        Some(&s("first"))
+    );
+    // Listed, not only written: a replica that syncs the table learns them.
+    let (mut b, _) = replica("b", &schema);
+    link(&mut a, &mut b);
+    assert_eq!(b.table("tasks").scan().unwrap().len(), 3);
+    // The same key twice in one call is the same error as in two calls.
+    let twice = [
+        ("k009", [("n", Value::Int(1))]),
+        ("k009", [("n", Value::Int(2))]),
+    ];
+    assert!(matches!(
+        a.table("tasks").insert_many(twice),
+        Err(RowError::AlreadyExists { .. })
+    ));
+    assert_eq!(
+        a.table("tasks").get("k009").unwrap().unwrap().get("n"),
+        Some(&Value::Int(1))
+    );
+}
+
+#[test]
+fn upsert_many_updates_live_rows_revives_deleted_ones_and_inserts_the_rest() {
+    let schema = TableSchema::new("tasks");
+    let (mut a, clock) = replica("a", &schema);
+    a.table("tasks")
+        .insert("k000", [("n", Value::Int(0))])
+        .unwrap();
+    a.table("tasks")
+        .insert("k001", [("n", Value::Int(1))])
+        .unwrap();
+    a.table("tasks").delete("k001").unwrap();
+    clock.fetch_add(10, Ordering::SeqCst);
+    let n = a
+        .table("tasks")
+        .upsert_many(numbered(10..13).into_iter().chain([
+            ("k000".to_owned(), [("n", Value::Int(100))]),
+            ("k001".to_owned(), [("n", Value::Int(101))]),
+        ]))
+        .unwrap();
+    assert_eq!(n, 5);
+    let got: Vec<(String, Option<Value>)> = a
+        .table("tasks")
+        .scan()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key.clone(), r.get("n").cloned()))
+        .collect();
+    let want: Vec<(String, Option<Value>)> = [
+        ("k000", 100),
+        ("k001", 101),
+        ("k010", 10),
+        ("k011", 11),
+        ("k012", 12),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_owned(), Some(Value::Int(n))))
+    .collect();
+    assert_eq!(got, want);
+    let (mut b, _) = replica("b", &schema);
+    link(&mut a, &mut b);
+    assert_eq!(b.table("tasks").scan().unwrap().len(), 5);
+}

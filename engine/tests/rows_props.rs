@@ -25,6 +25,8 @@ enum Op {
         key: u8,
         col: usize,
         value: i64,
+        /// Through `upsert_many` (its deferred catalog listing) instead of `upsert`.
+        many: bool,
     },
     Increment {
         r: usize,
@@ -58,8 +60,8 @@ fn op(replicas: usize) -> impl Strategy<Value = Op> {
     let t = 0..TABLES.len();
     let key = 0u8..4;
     prop_oneof![
-        4 => (r.clone(), t.clone(), key.clone(), 0..COLUMNS.len(), -50i64..50)
-            .prop_map(|(r, t, key, col, value)| Op::Write { r, t, key, col, value }),
+        4 => (r.clone(), t.clone(), key.clone(), 0..COLUMNS.len(), -50i64..50, any::<bool>())
+            .prop_map(|(r, t, key, col, value, many)| Op::Write { r, t, key, col, value, many }),
         2 => (r.clone(), t.clone(), key.clone(), -5i64..6)
             .prop_map(|(r, t, key, by)| Op::Increment { r, t, key, by }),
         2 => (r.clone(), t.clone(), key.clone(), any::<bool>())
@@ -156,13 +158,17 @@ fn run(n: usize, ops: &[Op]) -> Result<(), TestCaseError> {
                 key,
                 col,
                 value,
+                many,
             } => {
                 let rows = &mut replicas[r].rows;
                 let k = key.to_string();
                 let mut table = rows.table(TABLES[t]);
-                table
-                    .upsert(&k, [(COLUMNS[col], Value::Int(value))])
-                    .unwrap();
+                let columns = [(COLUMNS[col], Value::Int(value))];
+                if many {
+                    assert_eq!(table.upsert_many([(&k, columns)]).unwrap(), 1);
+                } else {
+                    table.upsert(&k, columns).unwrap();
+                }
                 let versions = table.versions(&k, COLUMNS[col]).unwrap();
                 prop_assert_eq!(versions.len(), 1, "a write supersedes what its replica saw");
                 model

@@ -217,7 +217,7 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
         self.repo_mut().purge(id, marker)?;
         if current == *id {
             // The key's next insert makes a fresh row document.
-            self.list_in_catalog(&schema, key, generation + 1)?;
+            self.list_in_catalog(&schema, &[(key.to_owned(), generation + 1)])?;
         }
         Ok(())
     }
