@@ -3,7 +3,9 @@
 //! 1. one row per durable commit: 10,000 inserts, then 10,000 single-column
 //!    updates; Tandem (write + flush on redb) vs raw redb (one write
 //!    transaction per insert) and SQLite (one transaction per row);
-//! 2. 1,000 rows per commit: the same, Tandem (1,000 writes + one flush) vs
+//! 2. 1,000 rows per commit: the same, Tandem (`insert_many` of 1,000 rows,
+//!    or 1,000 single updates, + one flush; for reference, also 1,000 single
+//!    inserts, in a store of their own) vs
 //!    bare automerge (one document per row: create with the columns, save;
 //!    the floor writes the columns in one batch, `init_root_from_hydrate`,
 //!    as Tandem's inserts do, and, for reference, with one put per column)
@@ -135,6 +137,16 @@ fn tandem_insert<S: Storage>(rows: &mut Rows<S>, range: std::ops::Range<usize>) 
     for i in range {
         t.insert(&key(i), columns(i)).unwrap();
     }
+}
+
+/// The same rows through the bulk API: one catalog change per shard.
+fn tandem_insert_many<S: Storage>(rows: &mut Rows<S>, range: std::ops::Range<usize>) {
+    let n = range.len();
+    let inserted = rows
+        .table(TABLE)
+        .insert_many(range.map(|i| (key(i), columns(i))))
+        .unwrap();
+    assert_eq!(inserted, n);
 }
 
 fn tandem_update<S: Storage>(rows: &mut Rows<S>, range: std::ops::Range<usize>) {
@@ -318,6 +330,7 @@ fn batched(dir: &Path, n: usize) {
     let rounds = n / BATCH;
     let range = |r: usize| r * BATCH..(r + 1) * BATCH;
     let mut tandem = rows_at(&dir.join("batched.redb"));
+    let mut tandem_each = rows_at(&dir.join("batched-each.redb"));
     let mut sql = sqlite_at(&dir.join("batched.sqlite"));
     let mut saved: Vec<Vec<u8>> = Vec::with_capacity(n);
 
@@ -326,8 +339,8 @@ fn batched(dir: &Path, n: usize) {
         rounds,
         BATCH,
         vec![
-            Contestant::new("tandem 1,000 inserts + flush", |r| {
-                tandem_insert(&mut tandem, range(r));
+            Contestant::new("tandem insert_many(1,000) + flush", |r| {
+                tandem_insert_many(&mut tandem, range(r));
                 tandem_flush(&mut tandem);
             }),
             // Bare automerge's fastest way to make the row document: the
@@ -355,8 +368,14 @@ fn batched(dir: &Path, n: usize) {
                 }
                 tx.commit().unwrap();
             }),
+            // The same rows inserted one call each (one catalog change per
+            // row), in a store of their own.
+            Contestant::new("tandem 1,000 inserts + flush", |r| {
+                tandem_insert(&mut tandem_each, range(r));
+                tandem_flush(&mut tandem_each);
+            }),
         ],
-        &[Some(0.6), None, Some(1.0 / 6.0)],
+        &[Some(0.6), None, Some(1.0 / 6.0), None],
     );
 
     // The floor updates documents it holds in memory (loaded untimed).
@@ -409,8 +428,8 @@ fn catchup(dir: &Path, n: usize) {
         rounds,
         BATCH,
         vec![
-            Contestant::new("tandem 1,000 inserts + flush", |r| {
-                tandem_insert(&mut full, range(r));
+            Contestant::new("tandem insert_many(1,000) + flush", |r| {
+                tandem_insert_many(&mut full, range(r));
                 tandem_flush(&mut full);
             }),
             Contestant::new("bare automerge batch create + save", |r| {
