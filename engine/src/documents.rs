@@ -32,6 +32,13 @@ pub(crate) struct Loaded {
     /// stored as it is at the next flush instead of being encoded again;
     /// `saved` already counts it.
     received: Option<Vec<u8>>,
+    /// The change chunks sync messages brought since `saved`, as they came,
+    /// while nothing else changed the document: the next flush stores them
+    /// as they are instead of encoding the same changes again. `None` once
+    /// anything else did (an edit, a message whose changes automerge only
+    /// queued, a failed receive): the next flush then encodes what came
+    /// after `saved` (`save_after`), and the one after starts afresh.
+    pub(crate) synced: Option<Vec<u8>>,
 }
 
 /// A document received whole and not parsed.
@@ -206,6 +213,7 @@ impl<S: Storage> Documents<S> {
         if let Some(loaded) = self.loaded.get_mut(id) {
             loaded.saved = loaded.doc.get_heads();
             loaded.received = Some(bytes);
+            loaded.synced = Some(Vec::new());
         }
     }
 
@@ -250,6 +258,7 @@ impl<S: Storage> Documents<S> {
                 last_used: self.clock,
                 saved: Vec::new(),
                 received: None,
+                synced: Some(Vec::new()),
             },
         );
     }
@@ -311,6 +320,7 @@ impl<S: Storage> Documents<S> {
                     last_used: self.clock,
                     saved: heads,
                     received: Some(bytes),
+                    synced: Some(Vec::new()),
                 });
             }
             Ok(Ok(_)) => corrupt("its heads differ from what its chunk headers say".into()),
@@ -371,6 +381,7 @@ impl<S: Storage> Documents<S> {
             Ok(Loaded {
                 saved,
                 received: None,
+                synced: Some(Vec::new()),
                 doc,
                 snapshot: snapshot.as_ref().map(|(k, v)| (k.clone(), v.len())),
                 incrementals: incrementals.iter().map(|(k, _)| k.clone()).collect(),
@@ -427,8 +438,12 @@ impl<S: Storage> Documents<S> {
                 && loaded.snapshot.is_none()
                 && loaded.incrementals.is_empty();
             let mut chunk = loaded.received.take().unwrap_or_default();
+            let synced = loaded.synced.replace(Vec::new());
             if !first {
-                chunk.extend(loaded.doc.save_after(&loaded.saved));
+                match synced {
+                    Some(bytes) => chunk.extend(bytes),
+                    None => chunk.extend(loaded.doc.save_after(&loaded.saved)),
+                }
             }
             let heads = loaded.doc.get_heads();
             if chunk.is_empty() && (!first || heads.is_empty()) {

@@ -479,6 +479,7 @@ impl<S: Storage> Repo<S> {
                 if let Some((before, heads)) = changed {
                     loaded.dirty = true;
                     loaded.pinned = false;
+                    loaded.synced = None;
                     self.on_changed(*id, origin, before, heads, None);
                 }
                 Ok((r, is_change))

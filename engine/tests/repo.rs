@@ -402,6 +402,84 @@ fn a_document_received_whole_is_stored_as_it_came() {
     assert_eq!(get(&mut fresh, &doc, "k4"), Some(4));
 }
 
+/// A sync frame from `from` to the hub carrying these change chunks.
+fn changes_frame(
+    from: &str,
+    doc: DocumentId,
+    heads: Vec<automerge::ChangeHash>,
+    changes: Vec<Vec<u8>>,
+) -> Vec<u8> {
+    let message = automerge::sync::Message {
+        heads,
+        need: vec![],
+        have: vec![],
+        changes: changes.into(),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    Message::Sync {
+        sender_id: PeerId::new(from),
+        target_id: PeerId::new("server"),
+        document_id: doc,
+        data: message.encode(),
+    }
+    .encode()
+}
+
+#[test]
+fn received_changes_are_stored_as_they_came_and_a_queued_one_is_never_lost() {
+    let storage = Arc::new(MemoryStorage::new());
+    let mut hub = Repo::open(storage.clone(), config("server"), ShareAll).unwrap();
+    let mut writer = client("writer");
+    let doc = writer.create().unwrap();
+    put(&mut writer, &doc, "k0", 0);
+    writer.flush().unwrap();
+    sync_in_process(&mut writer, &mut hub, 50).unwrap();
+    let mut changes = Vec::new();
+    for i in 1..=4 {
+        put(&mut writer, &doc, &format!("k{i}"), i);
+        let raw = writer
+            .view(&doc, |d| {
+                d.get_last_local_change().unwrap().raw_bytes().to_vec()
+            })
+            .unwrap();
+        changes.push(raw);
+    }
+    let heads = writer.heads(&doc).unwrap();
+    let c = joined(&mut hub, 77, "writer");
+    let send = |hub: &mut Repo<Arc<MemoryStorage>>, chunks: Vec<Vec<u8>>| {
+        let frame = changes_frame("writer", doc, heads.clone(), chunks);
+        hub.receive(0, c, &frame).unwrap();
+        hub.flush().unwrap();
+        hub.drain_outputs();
+    };
+    // k2's change before the k1 it depends on: automerge queues it, and
+    // applies both when k1's arrives. Both must reach storage.
+    send(&mut hub, vec![changes[1].clone()]);
+    assert_eq!(get(&mut hub, &doc, "k2"), None, "queued, not applied");
+    send(&mut hub, vec![changes[0].clone()]);
+    assert_eq!(get(&mut hub, &doc, "k2"), Some(2));
+    // k4's change before k3's in one message: both applied at once, and
+    // stored as they came (automerge would encode them in causal order).
+    send(&mut hub, vec![changes[3].clone(), changes[2].clone()]);
+    let as_sent = [changes[3].clone(), changes[2].clone()].concat();
+    let prefix = StorageKey::new([doc.to_string()]).unwrap();
+    let stored = storage.scan(&prefix, None, usize::MAX).unwrap();
+    assert!(
+        stored
+            .iter()
+            .any(|(k, v)| k.parts()[1] == "incremental" && *v == as_sent),
+        "the last message's chunks are stored as they came: {:?}",
+        stored.iter().map(|(k, v)| (k, v.len())).collect::<Vec<_>>()
+    );
+    drop(hub);
+    let mut reopened = Repo::open(storage, config("server"), ShareAll).unwrap();
+    assert_eq!(reopened.heads(&doc).unwrap(), heads);
+    for i in 0..=4 {
+        assert_eq!(get(&mut reopened, &doc, &format!("k{i}")), Some(i));
+    }
+}
+
 #[test]
 fn changes_fan_out_to_every_peer_sharing_the_document() {
     let mut hub = server();

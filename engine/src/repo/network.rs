@@ -477,12 +477,36 @@ impl<S: Storage> Repo<S> {
             }
             _ => {
                 let before_state = memo.is_some().then(|| pd.sync.clone());
+                // The chunks as they came, to be stored as they are if
+                // automerge applies them (see `Loaded::synced`).
+                let chunks =
+                    (brings_changes && access == Access::ReadWrite && loaded.synced.is_some())
+                        .then(|| {
+                            message
+                                .changes
+                                .iter()
+                                .flatten()
+                                .copied()
+                                .collect::<Vec<u8>>()
+                        });
                 let result = catch_unwind(AssertUnwindSafe(|| {
                     let before = loaded.doc.get_heads();
                     super::receive::receive_sync_message(&mut loaded.doc, &mut pd.sync, message)?;
                     let after = loaded.doc.get_heads();
                     Ok::<_, AutomergeError>((after != before).then_some((before, after)))
                 }));
+                match (&result, chunks) {
+                    (Ok(Ok(Some(_))), Some(chunks)) => {
+                        if let Some(synced) = &mut loaded.synced {
+                            synced.extend_from_slice(&chunks);
+                        }
+                    }
+                    // No changes came, or automerge applied none of them
+                    // (it queued them for missing dependencies, or ignored
+                    // a read-only peer's): nothing to store from here.
+                    (Ok(Ok(None)), _) if !brings_changes => {}
+                    _ => loaded.synced = None,
+                }
                 if let (Ok(Ok(None)), Some((key, heads, _)), Some(before)) =
                     (&result, memo, before_state)
                 {
