@@ -179,6 +179,27 @@ function snapshot(handle) {
 }
 
 /**
+ * The change events of each handle this process has used, from its first
+ * use on: the paths each event's patches touched. Listening from the first
+ * use (not from the start of a `wait`) counts an event that fired before
+ * the wait began, so a test can ask whether one touched a path at all.
+ */
+const changeLog = new WeakMap()
+
+function watchChanges(handle) {
+  if (changeLog.has(handle)) return
+  const events = []
+  changeLog.set(handle, events)
+  handle.on("change", ({ patches }) => events.push((patches ?? []).map(p => p.path)))
+}
+
+/** How many logged change events of `handle` touched `path` or below it. */
+function eventsTouching(handle, path) {
+  const under = p => path.every((key, i) => p[i] === key)
+  return (changeLog.get(handle) ?? []).filter(paths => paths.some(under)).length
+}
+
+/**
  * Wait until the value at `path` equals `equals` (as JSON, keys sorted). With
  * `noFind`, only look at handles the repo already has (so nothing is
  * requested from peers: the document must have been pushed to us).
@@ -201,12 +222,13 @@ async function waitFor(repo, { url, path, equals, timeoutMs = 10000, noFind }) {
   } else {
     handle = await withTimeout(repo.find(url), timeoutMs, `find ${url}`)
   }
+  watchChanges(handle)
   const want = canonical(equals)
   let changeEvents = 0
   for (;;) {
     const doc = toJson(handle.doc())
     if (canonical(at(doc, path)) === want)
-      return { ...snapshot(handle), changeEvents }
+      return { ...snapshot(handle), changeEvents, eventsTouchingPath: eventsTouching(handle, path) }
     const left = deadline - Date.now()
     if (left <= 0)
       throw new Error(
@@ -237,6 +259,7 @@ async function handleCommand(repo, msg) {
   switch (msg.cmd) {
     case "create": {
       const handle = repo.create(fromJson(msg.value))
+      watchChanges(handle)
       return { url: handle.url, documentId: handle.documentId, ...snapshot(handle) }
     }
     case "read": {
@@ -245,6 +268,7 @@ async function handleCommand(repo, msg) {
         msg.timeoutMs ?? 10000,
         `find ${msg.url}`
       )
+      watchChanges(handle)
       return snapshot(handle)
     }
     case "change": {
@@ -253,6 +277,7 @@ async function handleCommand(repo, msg) {
         msg.timeoutMs ?? 10000,
         `find ${msg.url}`
       )
+      watchChanges(handle)
       handle.change(d => {
         for (const op of msg.ops) applyOp(d, op)
       })

@@ -447,9 +447,11 @@ async fn edits_flow_both_ways() {
                 T + Duration::from_secs(2),
             )
             .await;
+        // Counted from JS's first use of the handle: the edit may arrive
+        // before the `wait` starts, and its event must have fired anyway.
         assert!(
-            seen["changeEvents"].as_u64().unwrap_or(0) >= 1,
-            "JS saw the Rust edit without a change event: {seen}"
+            seen["eventsTouchingPath"].as_u64().unwrap_or(0) >= 1,
+            "JS saw the Rust edit without a change event touching it: {seen}"
         );
         assert_eq!(
             seen["doc"],
