@@ -166,7 +166,7 @@ pub fn import<S: Storage>(
     let mut report = TablesReport::default();
     let mut known = BTreeSet::new();
     let mut read = 0u64;
-    let mut pending: Vec<(String, String, Vec<(String, Value)>)> = Vec::new();
+    let mut pending: Vec<PendingRow> = Vec::new();
     for (i, line) in input.lines().enumerate() {
         let line = line?;
         read += line.len() as u64 + 1;
@@ -245,10 +245,13 @@ pub fn import<S: Storage>(
     Ok(report)
 }
 
+/// A row read and not yet written: table, key, columns.
+type PendingRow = (String, String, Vec<(String, Value)>);
+
 /// Upsert the rows read, one `upsert_many` per run of rows of one table.
 fn write_pending<S: Storage>(
     rows: &mut Rows<S>,
-    pending: &mut Vec<(String, String, Vec<(String, Value)>)>,
+    pending: &mut Vec<PendingRow>,
 ) -> Result<(), TablesError> {
     for run in pending.chunk_by(|a, b| a.0 == b.0) {
         rows.table(&run[0].0).upsert_many(
