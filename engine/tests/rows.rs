@@ -31,6 +31,16 @@ fn s(v: &str) -> Value {
     Value::from(v)
 }
 
+/// The keys of a table's live rows, in order.
+fn keys(r: &mut Store, table: &str) -> Vec<String> {
+    r.table(table)
+        .scan()
+        .unwrap()
+        .into_iter()
+        .map(|row| row.key)
+        .collect()
+}
+
 fn link(a: &mut Store, b: &mut Store) {
     SyncLink::new("test").run(a, b).unwrap();
 }
@@ -263,14 +273,7 @@ fn delete_wins_over_a_concurrent_update_and_reads_skip_deleted_rows() {
     link(&mut a, &mut b);
     for r in [&mut a, &mut b] {
         assert_eq!(r.table("tasks").get("t1").unwrap(), None);
-        let keys: Vec<_> = r
-            .table("tasks")
-            .scan()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.key)
-            .collect();
-        assert_eq!(keys, vec!["t2"]);
+        assert_eq!(keys(r, "tasks"), vec!["t2"]);
         let err = r
             .table("tasks")
             .update("t1", [("title", s("z"))])
@@ -919,14 +922,7 @@ fn insert_many_stops_at_the_first_error_and_keeps_the_rows_before_it() {
         matches!(&err, RowError::AlreadyExists { key, .. } if key == "k002"),
         "{err:?}"
     );
-    let keys: Vec<String> = a
-        .table("tasks")
-        .scan()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.key)
-        .collect();
-    assert_eq!(keys, ["k000", "k001", "k002"]);
+    assert_eq!(keys(&mut a, "tasks"), ["k000", "k001", "k002"]);
     assert_eq!(
         a.table("tasks").get("k002").unwrap().unwrap().get("n"),
         Some(&s("first"))
