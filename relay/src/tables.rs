@@ -33,6 +33,14 @@ pub enum TablesError {
     /// Reading or writing the file failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The store refused the row on this line of the input.
+    #[error("line {line}: {source}")]
+    Row {
+        /// 1-based line number.
+        line: usize,
+        /// Why (boxed: it is large, and rare).
+        source: Box<tandem_engine::RowError>,
+    },
     /// A line of the input is not what the format says.
     #[error("line {line}: {reason}")]
     Format {
@@ -232,7 +240,7 @@ pub fn import<S: Storage>(
                     .map_err(|e| bad(format!("column {c:?}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        pending.push((table, key.to_owned(), values));
+        pending.push((i + 1, table, key.to_owned(), values));
         report.rows += 1;
         if pending.len() >= batch.max(1) {
             write_pending(rows, &mut pending)?;
@@ -245,19 +253,33 @@ pub fn import<S: Storage>(
     Ok(report)
 }
 
-/// A row read and not yet written: table, key, columns.
-type PendingRow = (String, String, Vec<(String, Value)>);
+/// A row read and not yet written: its line, table, key, columns.
+type PendingRow = (usize, String, String, Vec<(String, Value)>);
 
 /// Upsert the rows read, one `upsert_many` per run of rows of one table.
 fn write_pending<S: Storage>(
     rows: &mut Rows<S>,
     pending: &mut Vec<PendingRow>,
 ) -> Result<(), TablesError> {
-    for run in pending.chunk_by(|a, b| a.0 == b.0) {
-        rows.table(&run[0].0).upsert_many(
+    for run in pending.chunk_by(|a, b| a.1 == b.1) {
+        let mut table = rows.table(&run[0].1);
+        let written = table.upsert_many(
             run.iter()
-                .map(|(_, key, values)| (key, values.iter().cloned())),
-        )?;
+                .map(|(_, _, key, values)| (key, values.iter().cloned())),
+        );
+        if let Err(e) = written {
+            // Name the line: the rows before the failing one were written,
+            // so it is the first that fails alone (nothing here is flushed).
+            for (line, _, key, values) in run {
+                if let Err(source) = table.upsert(key, values.iter().cloned()) {
+                    return Err(TablesError::Row {
+                        line: *line,
+                        source: Box::new(source),
+                    });
+                }
+            }
+            return Err(e.into());
+        }
     }
     pending.clear();
     Ok(())
@@ -387,5 +409,15 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("before its header"), "{err}");
+        // A row the store refuses, in the middle of a batch, is named by
+        // its line too.
+        let input = "{\"table\":\"c\",\"counters\":[\"votes\"]}\n\
+             {\"table\":\"c\",\"key\":\"a\",\"values\":{\"votes\":1}}\n\
+             {\"table\":\"c\",\"key\":\"b\",\"values\":{\"votes\":\"many\"}}\n\
+             {\"table\":\"c\",\"key\":\"d\",\"values\":{\"votes\":2}}\n";
+        let err = import(&mut b, input.as_bytes(), 10, |_, _| {}).unwrap_err();
+        assert!(matches!(err, TablesError::Row { line: 3, .. }), "{err:?}");
+        assert!(err.to_string().starts_with("line 3: "), "{err}");
+        assert!(err.to_string().contains("votes"), "{err}");
     }
 }
