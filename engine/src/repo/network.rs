@@ -477,34 +477,29 @@ impl<S: Storage> Repo<S> {
             }
             _ => {
                 let before_state = memo.is_some().then(|| pd.sync.clone());
-                // The chunks as they came, to be stored as they are if
+                // The chunks as they came, kept to be stored as they are if
                 // automerge applies them (see `Loaded::synced`).
-                let chunks =
-                    (brings_changes && access == Access::ReadWrite && loaded.synced.is_some())
-                        .then(|| {
-                            message
-                                .changes
-                                .iter()
-                                .flatten()
-                                .copied()
-                                .collect::<Vec<u8>>()
-                        });
+                let recorded =
+                    brings_changes && access == Access::ReadWrite && loaded.synced.is_some();
+                if recorded && let Some(synced) = &mut loaded.synced {
+                    for chunk in message.changes.iter() {
+                        synced.extend_from_slice(chunk);
+                    }
+                }
                 let result = catch_unwind(AssertUnwindSafe(|| {
                     let before = loaded.doc.get_heads();
                     super::receive::receive_sync_message(&mut loaded.doc, &mut pd.sync, message)?;
                     let after = loaded.doc.get_heads();
                     Ok::<_, AutomergeError>((after != before).then_some((before, after)))
                 }));
-                match (&result, chunks) {
-                    (Ok(Ok(Some(_))), Some(chunks)) => {
-                        if let Some(synced) = &mut loaded.synced {
-                            synced.extend_from_slice(&chunks);
-                        }
-                    }
-                    // No changes came, or automerge applied none of them
-                    // (it queued them for missing dependencies, or ignored
-                    // a read-only peer's): nothing to store from here.
-                    (Ok(Ok(None)), _) if !brings_changes => {}
+                match &result {
+                    Ok(Ok(Some(_))) if recorded => {}
+                    // No changes came: nothing recorded, nothing to store.
+                    Ok(Ok(None)) if !brings_changes => {}
+                    // Automerge applied none of them (it queued them for
+                    // missing dependencies, or ignored a read-only peer's),
+                    // failed, or they were not recorded: what was recorded
+                    // is not what changed, so the next flush encodes it.
                     _ => loaded.synced = None,
                 }
                 if let (Ok(Ok(None)), Some((key, heads, _)), Some(before)) =
