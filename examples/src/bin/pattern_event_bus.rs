@@ -138,15 +138,12 @@ async fn main() -> Result<()> {
         },
     ));
     // Healthy once the relay's task runs, which the spawn above does not
-    // wait for: poll, as a readiness probe would, for at most 5 s.
-    let mut status = String::new();
-    for _ in 0..50 {
-        status = http_get(metrics, "/healthz").await?.0;
-        if status.contains("200") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // wait for: poll, as a readiness probe would.
+    wait_until("the relay to report healthy", || async {
+        Ok(http_get(metrics, "/healthz").await?.0.contains("200"))
+    })
+    .await?;
+    let (status, _) = http_get(metrics, "/healthz").await?;
     check(
         status.contains("200"),
         "the relay reports healthy on /healthz",
