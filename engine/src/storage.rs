@@ -16,6 +16,8 @@
 //! Document ids are bs58 text, which never starts with `~`, so the system
 //! keys cannot collide with documents.
 
+#[cfg(feature = "redb")]
+mod log;
 mod memory;
 #[cfg(feature = "redb")]
 mod redb;

@@ -8,8 +8,9 @@
 //! `TANDEM_CRASH_SEED` fixes the random seed (it is printed on every run);
 //! `TANDEM_CRASH_CYCLES` overrides the number of cycles. On failure the
 //! store is kept under the target directory's tmp folder, together with a
-//! copy of the file exactly as the last kill left it
-//! (`store.after-kill.redb`), and the path is printed.
+//! copy of the files exactly as the last kill left them
+//! (`store.after-kill.redb` and its commit log `store.after-kill.redb-wal`),
+//! and the path is printed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
@@ -349,6 +350,16 @@ fn verify(store: &Path, acked: &[Ack]) -> Result<StoreState, String> {
     Ok(state)
 }
 
+/// Copy the store and its commit log (`-wal`), as far as they exist.
+fn keep_evidence(store: &Path, to: &Path) {
+    let wal = |p: &Path| PathBuf::from(format!("{}-wal", p.display()));
+    for (from, to) in [(store.to_owned(), to.to_owned()), (wal(store), wal(to))] {
+        if from.exists() {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| {
         v.parse()
@@ -397,10 +408,8 @@ fn crash_cycles(name: &str, default_cycles: usize) {
         killed_after_acks += usize::from(!outcome.acks.is_empty());
         acked.extend(outcome.acks);
 
-        // Keep the file exactly as the kill left it, as evidence.
-        if store.exists() {
-            std::fs::copy(&store, &after_kill).unwrap();
-        }
+        // Keep the files exactly as the kill left them, as evidence.
+        keep_evidence(&store, &after_kill);
         match verify(&store, &acked) {
             Ok(state) => {
                 assert!(
@@ -504,9 +513,7 @@ fn a_store_killed_while_being_created_opens() {
         };
         *states.entry(state).or_default() += 1;
         let evidence = store.with_extension("after-kill.redb");
-        if store.exists() {
-            std::fs::copy(&store, &evidence).unwrap();
-        }
+        keep_evidence(&store, &evidence);
         let opened = RedbStorage::open(&store)
             .map_err(|e| e.to_string())
             .and_then(|s| {

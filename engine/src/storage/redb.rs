@@ -1,24 +1,77 @@
-//! The durable storage backend: one redb table of encoded keys to values.
+//! The durable storage backend: one redb table of encoded keys to values,
+//! with a commit log in front of it.
+//!
+//! A commit is made durable by appending it to the log (`<store>-wal`, see
+//! [`super::log`]) and kept in memory until many commits are folded into the
+//! redb table in one transaction: when the log is full, when the store is
+//! dropped, on [`RedbStorage::checkpoint`], and when a store is opened with
+//! records left in its log (after a crash). Reads see the logged writes
+//! over the table.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 
+use super::log::{LogFile, LoggedWrite, encode_record};
 use super::{Storage, StorageKey, Write, WriteBatch, prefix_range};
 use crate::error::StorageError;
 
 const TABLE: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("tandem");
+/// The log's state kept in redb: `"folded"`, the sequence number of the last
+/// log record whose writes are in [`TABLE`].
+const LOG_STATE: TableDefinition<'static, &str, u64> = TableDefinition::new("tandem-log");
+const FOLDED: &str = "folded";
 
-/// Storage in a redb database file. Every [`commit`](Storage::commit) is one
-/// redb write transaction with immediate durability (fsync before return).
+/// Storage in a redb database file (`<path>`) and its commit log
+/// (`<path>-wal`). Every [`commit`](Storage::commit) is durable when it
+/// returns: written to the log and synced (`fdatasync`), or, for a batch
+/// larger than the log, written to redb in a durable transaction together
+/// with everything logged before it.
+///
+/// The two files are one store: copy or move them together. A store that
+/// was dropped normally has everything in the redb file and nothing the
+/// log still needs.
 #[derive(Debug)]
 pub struct RedbStorage {
     db: Database,
+    /// `None` in memory: every commit is a redb transaction.
+    log: Option<Mutex<Log>>,
+}
+
+#[derive(Debug)]
+struct Log {
+    file: LogFile,
+    /// The sequence number of the next record.
+    next: u64,
+    /// Writes logged since the last fold, by encoded key (`None`: deleted).
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Set when a write to the log failed: the file's state is unknown, so
+    /// no later commit may be acknowledged on top of it.
+    failed: Option<String>,
 }
 
 impl RedbStorage {
-    /// Open the database at `path`, creating it (and the table) if needed.
+    /// The log capacity [`open`](Self::open) uses: 4 MiB of commits between
+    /// two folds.
+    pub const DEFAULT_LOG_CAPACITY: u64 = 4 * 1024 * 1024;
+
+    /// Open the store at `path`, creating it (and its table) if needed, with
+    /// a commit log of [`DEFAULT_LOG_CAPACITY`](Self::DEFAULT_LOG_CAPACITY).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+        Self::open_with_log_capacity(path, Self::DEFAULT_LOG_CAPACITY)
+    }
+
+    /// Open the store at `path` with a commit log of at most `capacity`
+    /// bytes (commits are folded into redb each time it fills). `0` turns
+    /// the log off: every commit is then one durable redb transaction.
+    /// Records a previous run left in the log are folded first, whatever the
+    /// capacity.
+    pub fn open_with_log_capacity(
+        path: impl AsRef<Path>,
+        capacity: u64,
+    ) -> Result<Self, StorageError> {
         let path = path.as_ref();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
@@ -31,30 +84,137 @@ impl RedbStorage {
         let db = Database::create(path).map_err(|e| {
             StorageError::Backend(format!("cannot open store {}: {e}", path.display()))
         })?;
-        let storage = Self { db };
+        let mut storage = Self { db, log: None };
         storage.ensure_table()?;
+        let mut log_path = path.as_os_str().to_owned();
+        log_path.push("-wal");
+        let log_path = std::path::PathBuf::from(log_path);
+        if capacity == 0 && !log_path.exists() {
+            return Ok(storage);
+        }
+        let folded = storage.folded()?;
+        // The capacity fits a u32 record length.
+        let (file, records) = LogFile::open(&log_path, capacity.min(u32::MAX.into()), folded)?;
+        let mut log = Log {
+            file,
+            next: folded + 1,
+            pending: BTreeMap::new(),
+            failed: None,
+        };
+        if !records.is_empty() {
+            tracing::info!(
+                records = records.len(),
+                "folding the commit log's records into the store"
+            );
+            log.next += records.len() as u64;
+            for (key, value) in records.into_iter().flatten() {
+                log.pending.insert(key, value);
+            }
+            storage.fold(&mut log, None)?;
+        }
+        if capacity == 0 {
+            drop(log);
+            std::fs::remove_file(&log_path).map_err(|e| {
+                StorageError::Backend(format!(
+                    "cannot remove the commit log {}: {e}",
+                    log_path.display()
+                ))
+            })?;
+            return Ok(storage);
+        }
+        storage.log = Some(Mutex::new(log));
         Ok(storage)
     }
 
-    /// Create the table on first open, so reads never meet a missing table.
+    /// Create the tables on first open, so reads never meet a missing table.
     /// An existing store is not written to (no fsync on open).
     fn ensure_table(&self) -> Result<(), StorageError> {
         let txn = self.db.begin_read().map_err(backend)?;
-        match txn.open_table(TABLE) {
-            Ok(_) => Ok(()),
-            Err(redb::TableError::TableDoesNotExist(_)) => self.commit(&WriteBatch::new()),
+        let missing = |r: Result<_, redb::TableError>| match r {
+            Ok(_) => Ok(false),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(true),
             Err(e) => Err(backend(e)),
+        };
+        if missing(txn.open_table(TABLE).map(drop))?
+            || missing(txn.open_table(LOG_STATE).map(drop))?
+        {
+            let txn = self.db.begin_write().map_err(backend)?;
+            txn.open_table(TABLE).map_err(backend)?;
+            txn.open_table(LOG_STATE).map_err(backend)?;
+            txn.commit().map_err(backend)?;
         }
+        Ok(())
     }
 
-    /// A database kept in memory (redb's own in-memory backend).
+    /// The sequence number of the last log record folded into the table.
+    fn folded(&self) -> Result<u64, StorageError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let state = txn.open_table(LOG_STATE).map_err(backend)?;
+        Ok(state.get(FOLDED).map_err(backend)?.map_or(0, |v| v.value()))
+    }
+
+    /// A database kept in memory (redb's own in-memory backend), without a
+    /// commit log.
     pub fn in_memory() -> Result<Self, StorageError> {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(backend)?;
-        let storage = Self { db };
+        let storage = Self { db, log: None };
         storage.ensure_table()?;
         Ok(storage)
+    }
+
+    /// Fold everything the commit log holds into the redb file now, in one
+    /// durable transaction. Afterwards the redb file alone holds every
+    /// commit (for example before copying it). Dropping the store does this
+    /// too.
+    pub fn checkpoint(&self) -> Result<(), StorageError> {
+        match &self.log {
+            None => Ok(()),
+            Some(log) => {
+                let mut log = self.lock(log)?;
+                self.fold(&mut log, None)
+            }
+        }
+    }
+
+    fn lock<'a>(&self, log: &'a Mutex<Log>) -> Result<MutexGuard<'a, Log>, StorageError> {
+        let log = log.lock().unwrap_or_else(|e| e.into_inner());
+        match &log.failed {
+            Some(why) => Err(StorageError::Backend(format!(
+                "the commit log failed earlier ({why}); reopen the store to recover what was acknowledged"
+            ))),
+            None => Ok(log),
+        }
+    }
+
+    /// Write the pending writes and then `batch` into the table in one
+    /// durable transaction that also records the last folded record, then
+    /// start the log afresh.
+    fn fold(&self, log: &mut Log, batch: Option<&WriteBatch>) -> Result<(), StorageError> {
+        if log.pending.is_empty() && batch.is_none() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut table = txn.open_table(TABLE).map_err(backend)?;
+            for (key, value) in &log.pending {
+                match value {
+                    Some(v) => table.insert(key.as_slice(), v.as_slice()).map(drop),
+                    None => table.remove(key.as_slice()).map(drop),
+                }
+                .map_err(backend)?;
+            }
+            if let Some(batch) = batch {
+                write_batch(&mut table, batch)?;
+            }
+            let mut state = txn.open_table(LOG_STATE).map_err(backend)?;
+            state.insert(FOLDED, log.next - 1).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        log.pending.clear();
+        log.file.rewind();
+        Ok(())
     }
 }
 
@@ -103,11 +263,42 @@ fn backend(e: impl std::fmt::Display) -> StorageError {
     StorageError::Backend(e.to_string())
 }
 
+fn write_batch(
+    table: &mut redb::Table<'_, &[u8], &[u8]>,
+    batch: &WriteBatch,
+) -> Result<(), StorageError> {
+    for write in batch.writes() {
+        match write {
+            Write::Put(k, v) => table.insert(k.encode().as_slice(), v.as_slice()).map(drop),
+            Write::Delete(k) => table.remove(k.encode().as_slice()).map(drop),
+        }
+        .map_err(backend)?;
+    }
+    Ok(())
+}
+
+fn entry(key: &[u8], value: Vec<u8>) -> Result<(StorageKey, Vec<u8>), StorageError> {
+    Ok((StorageKey::decode(key)?, value))
+}
+
+impl RedbStorage {
+    /// The logged writes, locked, if there is a log; reads hold the lock so
+    /// that no fold moves writes from the log to the table under them.
+    fn pending(&self) -> Result<Option<MutexGuard<'_, Log>>, StorageError> {
+        self.log.as_ref().map(|log| self.lock(log)).transpose()
+    }
+}
+
 impl Storage for RedbStorage {
     fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>, StorageError> {
+        let log = self.pending()?;
+        let key = key.encode();
+        if let Some(logged) = log.as_ref().and_then(|l| l.pending.get(&key)) {
+            return Ok(logged.clone());
+        }
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(TABLE).map_err(backend)?;
-        let value = table.get(key.encode().as_slice()).map_err(backend)?;
+        let value = table.get(key.as_slice()).map_err(backend)?;
         Ok(value.map(|v| v.value().to_vec()))
     }
 
@@ -119,58 +310,135 @@ impl Storage for RedbStorage {
     ) -> Result<Vec<(StorageKey, Vec<u8>)>, StorageError> {
         use std::ops::Bound;
         let (start, inclusive, end) = prefix_range(prefix, after);
-        let txn = self.db.begin_read().map_err(backend)?;
-        let table = txn.open_table(TABLE).map_err(backend)?;
         let lower = if inclusive {
             Bound::Included(start.as_slice())
         } else {
             Bound::Excluded(start.as_slice())
         };
-        let range = table
-            .range::<&[u8]>((lower, Bound::Excluded(end.as_slice())))
-            .map_err(backend)?;
-        let mut out = Vec::new();
-        for entry in range.take(limit) {
-            let (k, v) = entry.map_err(backend)?;
-            out.push((StorageKey::decode(k.value())?, v.value().to_vec()));
+        let bounds = (lower, Bound::Excluded(end.as_slice()));
+        let log = self.pending()?;
+        // The logged writes up to the `limit`-th logged put: any later one
+        // comes after `limit` live entries.
+        let mut logged: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = Vec::new();
+        let mut puts = 0;
+        for (k, v) in log.iter().flat_map(|l| l.pending.range::<[u8], _>(bounds)) {
+            if puts == limit {
+                break;
+            }
+            puts += usize::from(v.is_some());
+            logged.push((k, v));
         }
-        Ok(out)
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(TABLE).map_err(backend)?;
+        let range = table.range::<&[u8]>(bounds).map_err(backend)?;
+        // Each logged delete can hide one of the table's entries, so the
+        // table's first `limit + deletes` entries hold every live one of
+        // the first `limit`.
+        let deletes = logged.iter().filter(|(_, v)| v.is_none()).count();
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for item in range.take(limit.saturating_add(deletes)) {
+            let (k, v) = item.map_err(backend)?;
+            merged.insert(k.value().to_vec(), Some(v.value().to_vec()));
+        }
+        for (k, v) in logged {
+            merged.insert(k.clone(), v.clone());
+        }
+        merged
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .take(limit)
+            .map(|(k, v)| entry(&k, v))
+            .collect()
     }
 
     fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
         let (start, _, end) = prefix_range(prefix, None);
+        let log = self.pending()?;
+        let pending = log.as_ref().map(|l| &l.pending);
+        let logged = pending.and_then(|p| {
+            p.range::<[u8], _>((
+                std::ops::Bound::Included(start.as_slice()),
+                std::ops::Bound::Excluded(end.as_slice()),
+            ))
+            .rev()
+            .find_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+        });
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(TABLE).map_err(backend)?;
-        let mut range = table
+        let range = table
             .range::<&[u8]>(start.as_slice()..end.as_slice())
             .map_err(backend)?;
-        match range.next_back() {
-            None => Ok(None),
-            Some(entry) => {
-                let (k, v) = entry.map_err(backend)?;
-                Ok(Some((StorageKey::decode(k.value())?, v.value().to_vec())))
+        let mut stored = None;
+        for item in range.rev() {
+            let (k, v) = item.map_err(backend)?;
+            // A key the log wrote is the log's to answer for.
+            if pending.is_some_and(|p| p.contains_key(k.value())) {
+                continue;
             }
+            stored = Some((k.value().to_vec(), v.value().to_vec()));
+            break;
+        }
+        match (logged, stored) {
+            (Some((lk, lv)), Some((sk, sv))) => {
+                if lk.as_slice() > sk.as_slice() {
+                    entry(lk, lv.clone()).map(Some)
+                } else {
+                    entry(&sk, sv).map(Some)
+                }
+            }
+            (Some((lk, lv)), None) => entry(lk, lv.clone()).map(Some),
+            (None, Some((sk, sv))) => entry(&sk, sv).map(Some),
+            (None, None) => Ok(None),
         }
     }
 
     fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
-        let txn = self.db.begin_write().map_err(backend)?;
-        {
-            let mut table = txn.open_table(TABLE).map_err(backend)?;
-            for write in batch.writes() {
-                match write {
-                    Write::Put(k, v) => {
-                        table
-                            .insert(k.encode().as_slice(), v.as_slice())
-                            .map_err(backend)?;
-                    }
-                    Write::Delete(k) => {
-                        table.remove(k.encode().as_slice()).map_err(backend)?;
-                    }
-                }
-            }
+        let Some(log) = &self.log else {
+            let txn = self.db.begin_write().map_err(backend)?;
+            write_batch(&mut txn.open_table(TABLE).map_err(backend)?, batch)?;
+            return txn.commit().map_err(backend);
+        };
+        if batch.is_empty() {
+            return Ok(());
         }
-        txn.commit().map_err(backend)
+        let mut log = self.lock(log)?;
+        let seq = log.next;
+        let record = encode_record(seq, batch)?;
+        if !log.file.fits(record.len()) {
+            // Full (or a batch larger than the whole log): the batch goes
+            // to redb with everything logged before it, in one durable
+            // transaction.
+            log.next += 1;
+            if let Err(e) = self.fold(&mut log, Some(batch)) {
+                log.next -= 1;
+                return Err(e);
+            }
+            return Ok(());
+        }
+        if let Err(e) = log.file.append(&record) {
+            log.failed = Some(e.to_string());
+            return Err(e);
+        }
+        log.next += 1;
+        for write in batch.writes() {
+            let (key, value): LoggedWrite = match write {
+                Write::Put(k, v) => (k.encode(), Some(v.clone())),
+                Write::Delete(k) => (k.encode(), None),
+            };
+            log.pending.insert(key, value);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RedbStorage {
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!(
+                error = %e,
+                "could not fold the commit log into the store on close; the next open folds it"
+            );
+        }
     }
 }
 
@@ -182,6 +450,162 @@ mod tests {
     fn keeps_the_storage_contract_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         super::super::contract::check(&RedbStorage::open(dir.path().join("s.redb")).unwrap());
+        // Without the log, and with one so small that most commits fold.
+        let off = RedbStorage::open_with_log_capacity(dir.path().join("off.redb"), 0).unwrap();
+        super::super::contract::check(&off);
+        assert!(!dir.path().join("off.redb-wal").exists());
+        let tiny = RedbStorage::open_with_log_capacity(dir.path().join("tiny.redb"), 120).unwrap();
+        super::super::contract::check(&tiny);
+    }
+
+    fn key(i: u8) -> StorageKey {
+        StorageKey::new(["d", &format!("{i:03}")]).unwrap()
+    }
+
+    /// The files as a crash at this instant would leave them: copied while
+    /// the store is open (what the store wrote is in the page cache, so the
+    /// copy holds it, as the disk would after a kill).
+    fn crash_copy(from: &Path, to: &Path) {
+        std::fs::copy(from, to).unwrap();
+        let wal = |p: &Path| std::path::PathBuf::from(format!("{}-wal", p.display()));
+        std::fs::copy(wal(from), wal(to)).unwrap();
+    }
+
+    #[test]
+    fn a_crash_loses_no_logged_commit_and_reopening_folds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let copy = dir.path().join("copy.redb");
+        let s = RedbStorage::open_with_log_capacity(&path, 4096).unwrap();
+        // Enough commits to fold several times, with deletes that hide
+        // folded keys, ending with some in the log only.
+        let logged = |s: &RedbStorage| s.log.as_ref().unwrap().lock().unwrap().pending.len();
+        let mut commits = 0;
+        for i in 0..=255u8 {
+            let mut b = WriteBatch::new();
+            b.put(key(i), vec![i; 50]);
+            if i % 3 == 0 {
+                b.delete(key(i / 2));
+            }
+            s.commit(&b).unwrap();
+            commits += 1;
+            if i >= 150 && logged(&s) > 0 {
+                break;
+            }
+        }
+        assert!(logged(&s) > 0, "the last commits are in the log only");
+        assert!(s.folded().unwrap() > 100, "earlier ones were folded");
+        let expect = s
+            .scan(&StorageKey::new(["d"]).unwrap(), None, usize::MAX)
+            .unwrap();
+        crash_copy(&path, &copy);
+
+        let reopened = RedbStorage::open(&copy).unwrap();
+        let prefix = StorageKey::new(["d"]).unwrap();
+        assert_eq!(reopened.scan(&prefix, None, usize::MAX).unwrap(), expect);
+        // Opening folded the log into the table: redb alone holds it all.
+        assert!(
+            reopened
+                .log
+                .as_ref()
+                .unwrap()
+                .lock()
+                .unwrap()
+                .pending
+                .is_empty()
+        );
+        assert_eq!(reopened.folded().unwrap(), commits);
+        drop(reopened);
+        // A store that was dropped needs no log.
+        std::fs::remove_file(format!("{}-wal", copy.display())).unwrap();
+        let reopened = RedbStorage::open_with_log_capacity(&copy, 0).unwrap();
+        assert_eq!(reopened.scan(&prefix, None, usize::MAX).unwrap(), expect);
+
+        // A crash copy opened without a log folds it, then removes it.
+        let second = dir.path().join("second.redb");
+        crash_copy(&path, &second);
+        let reopened = RedbStorage::open_with_log_capacity(&second, 0).unwrap();
+        assert_eq!(reopened.scan(&prefix, None, usize::MAX).unwrap(), expect);
+        assert!(!dir.path().join("second.redb-wal").exists());
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_the_log_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let copy = dir.path().join("copy.redb");
+        let s = RedbStorage::open(&path).unwrap();
+        for i in 0..3u8 {
+            let mut b = WriteBatch::new();
+            b.put(key(i), vec![i; 10]);
+            s.commit(&b).unwrap();
+        }
+        crash_copy(&path, &copy);
+        // Tear the third record: its commit was never acknowledged.
+        let wal = format!("{}-wal", copy.display());
+        let mut bytes = std::fs::read(&wal).unwrap();
+        let record = super::super::log::encode_record(3, &{
+            let mut b = WriteBatch::new();
+            b.put(key(2), vec![2; 10]);
+            b
+        })
+        .unwrap();
+        let third = bytes
+            .windows(record.len())
+            .position(|w| w == record)
+            .unwrap();
+        bytes[third + record.len() - 1] ^= 1;
+        std::fs::write(&wal, bytes).unwrap();
+
+        let reopened = RedbStorage::open(&copy).unwrap();
+        assert_eq!(reopened.get(&key(1)).unwrap(), Some(vec![1; 10]));
+        assert_eq!(reopened.get(&key(2)).unwrap(), None);
+        // The next commit takes the torn one's place, and survives a crash.
+        let mut b = WriteBatch::new();
+        b.put(key(9), b"after".to_vec());
+        reopened.commit(&b).unwrap();
+        let again = dir.path().join("again.redb");
+        crash_copy(&copy, &again);
+        let reopened = RedbStorage::open(&again).unwrap();
+        assert_eq!(reopened.get(&key(9)).unwrap(), Some(b"after".to_vec()));
+        assert_eq!(reopened.get(&key(1)).unwrap(), Some(vec![1; 10]));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Reads over the log and the table answer as one sorted map would,
+        /// whatever was folded when.
+        #[test]
+        fn reads_over_the_log_match_a_plain_map(
+            ops in proptest::collection::vec((0u8..4, 0u8..40, 0usize..6), 1..120)
+        ) {
+            use super::super::MemoryStorage;
+            let dir = tempfile::tempdir().unwrap();
+            let s = RedbStorage::open_with_log_capacity(dir.path().join("s.redb"), 1024).unwrap();
+            let model = MemoryStorage::new();
+            let prefix = StorageKey::new(["d"]).unwrap();
+            for (op, k, n) in ops {
+                let mut b = WriteBatch::new();
+                match op {
+                    0 | 1 => b.put(key(k), vec![k; n * 10]),
+                    2 => b.delete(key(k)),
+                    _ => s.checkpoint().unwrap(),
+                }
+                s.commit(&b).unwrap();
+                model.commit(&b).unwrap();
+                proptest::prop_assert_eq!(s.get(&key(k)).unwrap(), model.get(&key(k)).unwrap());
+                let after = Some(key(k.saturating_sub(5)));
+                proptest::prop_assert_eq!(
+                    s.scan(&prefix, after.as_ref(), n).unwrap(),
+                    model.scan(&prefix, after.as_ref(), n).unwrap()
+                );
+                proptest::prop_assert_eq!(s.last(&prefix).unwrap(), model.last(&prefix).unwrap());
+            }
+            proptest::prop_assert_eq!(
+                s.scan(&prefix, None, usize::MAX).unwrap(),
+                model.scan(&prefix, None, usize::MAX).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -36,6 +36,9 @@ const DOCUMENTS: u8 = 4;
 /// is 64 KiB), so compactions happen often and get killed too.
 const COMPACTION_MIN_BYTES: usize = 4096;
 
+/// A commit log that fills every few commits.
+const LOG_CAPACITY: u64 = 8 * 1024;
+
 /// The fixed id of document `i`, the same in every run.
 fn document(i: u8) -> DocumentId {
     DocumentId::from_bytes([i + 1; 16])
@@ -82,7 +85,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = std::io::stdout().lock();
 
     let started = Instant::now();
-    let storage = RedbStorage::open(&path)?;
+    // The store's commit log: mostly so small that it fills (and is folded
+    // into redb) every few commits, so kills land inside folds too;
+    // sometimes the default; sometimes off. Each open first folds what the
+    // previous run left in the log, whatever its capacity.
+    let log_capacity = match rng.below(4) {
+        0 => RedbStorage::DEFAULT_LOG_CAPACITY,
+        1 => 0,
+        _ => LOG_CAPACITY,
+    };
+    let storage = RedbStorage::open_with_log_capacity(&path, log_capacity)?;
     let mut config = RepoConfig::new(PeerId::new(format!("crash-child-{run}")));
     config.documents.compaction_min_bytes = COMPACTION_MIN_BYTES;
     let mut repo = Repo::open(storage, config, ShareAll)?;

@@ -1,0 +1,351 @@
+//! The commit log in front of the redb store: a durable commit is one record
+//! appended to a preallocated file and one `fdatasync`, instead of a redb
+//! transaction that rewrites a path of B-tree pages for every key it touches.
+//! The logged writes are folded into redb later, many commits in one redb
+//! transaction (see [`super::RedbStorage`]).
+//!
+//! The file (`<store>-wal`) is a sequence of records:
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 4 | CRC-32 of the rest of the record (length, sequence, payload) |
+//! | 4 | payload length, little-endian |
+//! | 8 | sequence number, little-endian |
+//! | n | payload: the batch's writes |
+//!
+//! A payload is a list of writes, each `1` (put), key length (u32 LE), key,
+//! value length (u32 LE), value; or `2` (delete), key length, key. Keys are
+//! [`StorageKey::encode`]d.
+//!
+//! Sequence numbers increase by one per record and never restart; redb keeps
+//! the last one folded. On open the log is read from its start while each
+//! record checks out and carries the next expected number. So a torn record
+//! (a crash during its write, before its commit was acknowledged) ends the
+//! log, and so do records left from before the last fold: the file is
+//! rewritten from its start after each fold and never cleared.
+//!
+//! The file is filled with zeros before records go into it, so a commit's
+//! `fdatasync` flushes data pages only: writing into a file's existing blocks
+//! changes none of its metadata, while appending (or writing into
+//! preallocated but unwritten extents) makes every sync a filesystem journal
+//! commit too.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::{Write, WriteBatch};
+use crate::error::StorageError;
+
+const HEADER: usize = 16;
+const PUT: u8 = 1;
+const DELETE: u8 = 2;
+/// The smallest size the file is created with; it doubles up to the log's
+/// capacity as records need room.
+const INITIAL_SIZE: u64 = 256 * 1024;
+
+/// One write as the log holds it: encoded key, and the value (`None` for a
+/// delete).
+pub(crate) type LoggedWrite = (Vec<u8>, Option<Vec<u8>>);
+
+/// Encode a batch as one record with sequence number `seq`.
+pub(crate) fn encode_record(seq: u64, batch: &WriteBatch) -> Result<Vec<u8>, StorageError> {
+    let mut out = vec![0u8; HEADER];
+    for write in batch.writes() {
+        match write {
+            Write::Put(k, v) => {
+                out.push(PUT);
+                put_bytes(&mut out, &k.encode())?;
+                put_bytes(&mut out, v)?;
+            }
+            Write::Delete(k) => {
+                out.push(DELETE);
+                put_bytes(&mut out, &k.encode())?;
+            }
+        }
+    }
+    let len = u32::try_from(out.len() - HEADER).map_err(|_| too_big(out.len()))?;
+    out[4..8].copy_from_slice(&len.to_le_bytes());
+    out[8..16].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32fast::hash(&out[4..]);
+    out[0..4].copy_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+fn too_big(n: usize) -> StorageError {
+    StorageError::Backend(format!("a batch of {n} bytes is too large for one commit"))
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), StorageError> {
+    let len = u32::try_from(bytes.len()).map_err(|_| too_big(bytes.len()))?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+/// The record at the start of `bytes` if it is whole, checks out and has
+/// sequence number `seq`: its writes and its length in bytes.
+pub(crate) fn decode_record(
+    bytes: &[u8],
+    seq: u64,
+) -> Result<Option<(Vec<LoggedWrite>, usize)>, StorageError> {
+    let Some(header) = bytes.get(..HEADER) else {
+        return Ok(None);
+    };
+    let crc = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
+    let len = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default()) as usize;
+    let found = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+    if found != seq {
+        return Ok(None);
+    }
+    let Some(record) = bytes.get(..HEADER + len) else {
+        return Ok(None);
+    };
+    if crc32fast::hash(&record[4..]) != crc {
+        return Ok(None);
+    }
+    // The checksum matched: from here on a bad payload is corruption (or a
+    // bug), not a torn write, and must not be skipped silently.
+    let corrupt = || StorageError::Corrupt(format!("commit log record {seq} does not decode"));
+    let mut payload = &record[HEADER..];
+    let mut writes = Vec::new();
+    while let Some((&op, rest)) = payload.split_first() {
+        payload = rest;
+        let key = take_bytes(&mut payload).ok_or_else(corrupt)?;
+        let value = match op {
+            PUT => Some(take_bytes(&mut payload).ok_or_else(corrupt)?),
+            DELETE => None,
+            _ => return Err(corrupt()),
+        };
+        writes.push((key, value));
+    }
+    Ok(Some((writes, record.len())))
+}
+
+fn take_bytes(input: &mut &[u8]) -> Option<Vec<u8>> {
+    let len = u32::from_le_bytes(input.get(..4)?.try_into().ok()?) as usize;
+    let bytes = input.get(4..4 + len)?.to_vec();
+    *input = &input[4 + len..];
+    Some(bytes)
+}
+
+/// The log file, positioned after its last record.
+#[derive(Debug)]
+pub(crate) struct LogFile {
+    file: File,
+    path: PathBuf,
+    /// Current length of the file (all of it written, zeros past `end`).
+    len: u64,
+    /// The most the file grows to.
+    capacity: u64,
+    /// Where the next record goes.
+    end: u64,
+}
+
+impl LogFile {
+    /// Open (or create) the log at `path` and read the records that follow
+    /// the last folded one, `folded`. Returns the file positioned at its
+    /// start (the caller folds the records before logging anything new).
+    pub(crate) fn open(
+        path: &Path,
+        capacity: u64,
+        folded: u64,
+    ) -> Result<(Self, Vec<Vec<LoggedWrite>>), StorageError> {
+        let io = |what: &str, e: std::io::Error| {
+            StorageError::Backend(format!("commit log {}: {what}: {e}", path.display()))
+        };
+        let created = !path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| io("cannot open", e))?;
+        let bytes = std::fs::read(path).map_err(|e| io("cannot read", e))?;
+        let mut records = Vec::new();
+        let mut at = 0;
+        let mut seq = folded + 1;
+        while let Some((writes, len)) = decode_record(&bytes[at..], seq)? {
+            records.push(writes);
+            at += len;
+            seq += 1;
+        }
+        let mut log = Self {
+            file,
+            path: path.to_owned(),
+            len: bytes.len() as u64,
+            capacity,
+            end: 0,
+        };
+        if created {
+            // The file's directory entry must be durable before any record
+            // in the file is acknowledged.
+            log.grow(INITIAL_SIZE.min(capacity))?;
+            sync_parent(path).map_err(|e| io("cannot sync its directory", e))?;
+        }
+        Ok((log, records))
+    }
+
+    /// Whether a record of `n` bytes fits before the capacity.
+    pub(crate) fn fits(&self, n: usize) -> bool {
+        self.end + n as u64 <= self.capacity.max(self.len)
+    }
+
+    /// Write `record` after the last one and make it durable. On an error
+    /// the file's state is unknown and nothing more may be written to it.
+    pub(crate) fn append(&mut self, record: &[u8]) -> Result<(), StorageError> {
+        let needed = self.end + record.len() as u64;
+        if needed > self.len {
+            self.grow(needed.max(self.len * 2).min(self.capacity.max(needed)))?;
+        }
+        self.file
+            .write_all_at(record, self.end)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| self.error("cannot write a commit", e))?;
+        self.end = needed;
+        Ok(())
+    }
+
+    /// Start again from the beginning of the file, once everything logged
+    /// is folded (and durable) in redb.
+    pub(crate) fn rewind(&mut self) {
+        self.end = 0;
+    }
+
+    /// Fill the file with zeros up to `size` and make that durable.
+    fn grow(&mut self, size: u64) -> Result<(), StorageError> {
+        if size <= self.len {
+            return Ok(());
+        }
+        const CHUNK: usize = 64 * 1024;
+        let zeros = vec![0u8; CHUNK];
+        let mut at = self.len;
+        while at < size {
+            let n = CHUNK.min((size - at) as usize);
+            self.file
+                .write_all_at(&zeros[..n], at)
+                .map_err(|e| self.error("cannot grow", e))?;
+            at += n as u64;
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| self.error("cannot sync after growing", e))?;
+        self.len = size;
+        Ok(())
+    }
+
+    fn error(&self, what: &str, e: std::io::Error) -> StorageError {
+        StorageError::Backend(format!("commit log {}: {what}: {e}", self.path.display()))
+    }
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StorageKey;
+
+    fn batch() -> WriteBatch {
+        let mut b = WriteBatch::new();
+        b.put(
+            StorageKey::new(["doc", "snapshot", "h"]).unwrap(),
+            b"value".to_vec(),
+        );
+        b.delete(StorageKey::new(["doc", "incremental", "x"]).unwrap());
+        b.put(StorageKey::new(["~meta", "empty"]).unwrap(), Vec::new());
+        b
+    }
+
+    #[test]
+    fn a_record_round_trips() {
+        let record = encode_record(7, &batch()).unwrap();
+        let (writes, len) = decode_record(&record, 7).unwrap().unwrap();
+        assert_eq!(len, record.len());
+        assert_eq!(
+            writes,
+            vec![
+                (b"doc\0snapshot\0h".to_vec(), Some(b"value".to_vec())),
+                (b"doc\0incremental\0x".to_vec(), None),
+                (b"~meta\0empty".to_vec(), Some(Vec::new())),
+            ]
+        );
+    }
+
+    #[test]
+    fn torn_stale_or_flipped_records_end_the_log() {
+        let record = encode_record(7, &batch()).unwrap();
+        // Another sequence number: a record from before the last fold.
+        assert_eq!(decode_record(&record, 8).unwrap(), None);
+        // Every truncation: a write torn by a crash.
+        for cut in 0..record.len() {
+            assert_eq!(decode_record(&record[..cut], 7).unwrap(), None, "cut {cut}");
+        }
+        // Every single flipped bit fails the checksum (or the sequence).
+        for byte in 0..record.len() {
+            let mut bad = record.clone();
+            bad[byte] ^= 0x10;
+            assert_eq!(decode_record(&bad, 7).unwrap(), None, "byte {byte}");
+        }
+        // Zeros, as a fresh file holds.
+        assert_eq!(decode_record(&[0; 64], 1).unwrap(), None);
+    }
+
+    #[test]
+    fn a_checksummed_record_that_does_not_decode_is_an_error() {
+        let mut record = encode_record(3, &batch()).unwrap();
+        record[HEADER] = 9; // an unknown operation
+        let crc = crc32fast::hash(&record[4..]);
+        record[0..4].copy_from_slice(&crc.to_le_bytes());
+        let err = decode_record(&record, 3).unwrap_err();
+        assert!(err.to_string().contains("record 3"), "{err}");
+    }
+
+    #[test]
+    fn reopening_reads_the_records_after_the_folded_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s-wal");
+        let (mut log, records) = LogFile::open(&path, 1 << 20, 0).unwrap();
+        assert!(records.is_empty());
+        for seq in 1..=3 {
+            log.append(&encode_record(seq, &batch()).unwrap()).unwrap();
+        }
+        drop(log);
+        let (_, records) = LogFile::open(&path, 1 << 20, 0).unwrap();
+        assert_eq!(records.len(), 3);
+        // Once they are folded, the file's records are stale.
+        let (mut log, records) = LogFile::open(&path, 1 << 20, 3).unwrap();
+        assert!(records.is_empty());
+        // The file is rewritten from its start, and the stale records after
+        // the new one are not read back.
+        log.rewind();
+        log.append(&encode_record(4, &batch()).unwrap()).unwrap();
+        drop(log);
+        let (_, records) = LogFile::open(&path, 1 << 20, 3).unwrap();
+        assert_eq!(records.len(), 1);
+    }
+
+    #[test]
+    fn the_file_grows_to_the_capacity_and_no_further() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s-wal");
+        let capacity = INITIAL_SIZE * 3;
+        let (mut log, _) = LogFile::open(&path, capacity, 0).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), INITIAL_SIZE);
+        let record = vec![0u8; 100 * 1024];
+        let mut appended = 0;
+        while log.fits(record.len()) {
+            log.append(&record).unwrap();
+            appended += 1;
+        }
+        assert_eq!(appended, 7);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), capacity);
+    }
+}
