@@ -192,13 +192,21 @@ impl LogFile {
         self.end + n as u64 <= self.capacity.max(self.len)
     }
 
-    /// Write `record` after the last one and make it durable. On an error
-    /// the file's state is unknown and nothing more may be written to it.
-    pub(crate) fn append(&mut self, record: &[u8]) -> Result<(), StorageError> {
-        let needed = self.end + record.len() as u64;
+    /// Make room for a record of `n` bytes (filling the file with zeros
+    /// further if needed). An error here leaves the log as it was.
+    pub(crate) fn reserve(&mut self, n: usize) -> Result<(), StorageError> {
+        let needed = self.end + n as u64;
         if needed > self.len {
             self.grow(needed.max(self.len * 2).min(self.capacity.max(needed)))?;
         }
+        Ok(())
+    }
+
+    /// Write `record` after the last one and make it durable. On an error
+    /// the file's state is unknown and nothing more may be written to it.
+    pub(crate) fn append(&mut self, record: &[u8]) -> Result<(), StorageError> {
+        self.reserve(record.len())?;
+        let needed = self.end + record.len() as u64;
         self.file
             .write_all_at(record, self.end)
             .and_then(|()| self.file.sync_data())

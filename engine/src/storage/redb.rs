@@ -415,6 +415,9 @@ impl Storage for RedbStorage {
             }
             return Ok(());
         }
+        // Growing the file (zeros, then a sync) touches no record yet: a
+        // failure there refuses this commit only.
+        log.file.reserve(record.len())?;
         if let Err(e) = log.file.append(&record) {
             log.failed = Some(e.to_string());
             return Err(e);
