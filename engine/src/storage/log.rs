@@ -140,6 +140,9 @@ pub(crate) struct LogFile {
     capacity: u64,
     /// Where the next record goes.
     end: u64,
+    /// Tests: fail the next record writes as a full or broken disk would.
+    #[cfg(test)]
+    pub(crate) fail_writes: bool,
 }
 
 impl LogFile {
@@ -177,6 +180,8 @@ impl LogFile {
             len: bytes.len() as u64,
             capacity,
             end: 0,
+            #[cfg(test)]
+            fail_writes: false,
         };
         if created {
             // The file's directory entry must be durable before any record
@@ -207,6 +212,13 @@ impl LogFile {
     pub(crate) fn append(&mut self, record: &[u8]) -> Result<(), StorageError> {
         self.reserve(record.len())?;
         let needed = self.end + record.len() as u64;
+        #[cfg(test)]
+        if self.fail_writes {
+            return Err(self.error(
+                "cannot write a commit",
+                std::io::Error::other("injected failure"),
+            ));
+        }
         self.file
             .write_all_at(record, self.end)
             .and_then(|()| self.file.sync_data())

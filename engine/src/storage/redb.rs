@@ -574,6 +574,37 @@ mod tests {
         assert_eq!(reopened.get(&key(1)).unwrap(), Some(vec![1; 10]));
     }
 
+    #[test]
+    fn after_a_failed_log_write_every_commit_is_refused_and_reopening_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let copy = dir.path().join("copy.redb");
+        let s = RedbStorage::open(&path).unwrap();
+        let put = |i: u8| {
+            let mut b = WriteBatch::new();
+            b.put(key(i), vec![i; 10]);
+            b
+        };
+        s.commit(&put(1)).unwrap();
+        s.log.as_ref().unwrap().lock().unwrap().file.fail_writes = true;
+        let err = s.commit(&put(2)).unwrap_err();
+        assert!(err.to_string().contains("injected failure"), "{err}");
+        // The disk is fine again, but what the failed write left is unknown:
+        // nothing more is acknowledged on top of it.
+        s.log.as_ref().unwrap().lock().unwrap().file.fail_writes = false;
+        let err = s.commit(&put(3)).unwrap_err();
+        assert!(err.to_string().contains("reopen the store"), "{err}");
+        assert!(s.checkpoint().is_err());
+        crash_copy(&path, &copy);
+        drop(s);
+        // Reopening recovers every acknowledged commit, and works on.
+        let reopened = RedbStorage::open(&copy).unwrap();
+        assert_eq!(reopened.get(&key(1)).unwrap(), Some(vec![1; 10]));
+        assert_eq!(reopened.get(&key(2)).unwrap(), None);
+        reopened.commit(&put(3)).unwrap();
+        assert_eq!(reopened.get(&key(3)).unwrap(), Some(vec![3; 10]));
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
         /// Reads over the log and the table answer as one sorted map would,
