@@ -277,6 +277,9 @@ fn write_batch(
     Ok(())
 }
 
+/// An encoded key and its value, as the table holds them.
+type RawEntry = (Vec<u8>, Vec<u8>);
+
 fn entry(key: &[u8], value: Vec<u8>) -> Result<(StorageKey, Vec<u8>), StorageError> {
     Ok((StorageKey::decode(key)?, value))
 }
@@ -317,38 +320,47 @@ impl Storage for RedbStorage {
         };
         let bounds = (lower, Bound::Excluded(end.as_slice()));
         let log = self.pending()?;
-        // The logged writes up to the `limit`-th logged put: any later one
-        // comes after `limit` live entries.
-        let mut logged: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = Vec::new();
-        let mut puts = 0;
-        for (k, v) in log.iter().flat_map(|l| l.pending.range::<[u8], _>(bounds)) {
-            if puts == limit {
-                break;
-            }
-            puts += usize::from(v.is_some());
-            logged.push((k, v));
-        }
+        let mut logged = log
+            .iter()
+            .flat_map(|l| l.pending.range::<[u8], _>(bounds))
+            .peekable();
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(TABLE).map_err(backend)?;
-        let range = table.range::<&[u8]>(bounds).map_err(backend)?;
-        // Each logged delete can hide one of the table's entries, so the
-        // table's first `limit + deletes` entries hold every live one of
-        // the first `limit`.
-        let deletes = logged.iter().filter(|(_, v)| v.is_none()).count();
-        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        for item in range.take(limit.saturating_add(deletes)) {
-            let (k, v) = item.map_err(backend)?;
-            merged.insert(k.value().to_vec(), Some(v.value().to_vec()));
+        let mut range = table.range::<&[u8]>(bounds).map_err(backend)?;
+        let mut next_stored = || -> Result<Option<RawEntry>, StorageError> {
+            match range.next() {
+                None => Ok(None),
+                Some(item) => {
+                    let (k, v) = item.map_err(backend)?;
+                    Ok(Some((k.value().to_vec(), v.value().to_vec())))
+                }
+            }
+        };
+        // Merge the two sorted sequences; on equal keys the log's write
+        // (a newer value, or a delete) wins.
+        let mut out = Vec::new();
+        let mut stored = next_stored()?;
+        while out.len() < limit {
+            let from_log = match (&stored, logged.peek()) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some((sk, _)), Some((lk, _))) => lk.as_slice() <= sk.as_slice(),
+            };
+            if from_log {
+                let Some((lk, lv)) = logged.next() else { break };
+                if stored.as_ref().is_some_and(|(sk, _)| sk == lk) {
+                    stored = next_stored()?;
+                }
+                if let Some(v) = lv {
+                    out.push(entry(lk, v.clone())?);
+                }
+            } else if let Some((sk, sv)) = stored.take() {
+                out.push(entry(&sk, sv)?);
+                stored = next_stored()?;
+            }
         }
-        for (k, v) in logged {
-            merged.insert(k.clone(), v.clone());
-        }
-        merged
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .take(limit)
-            .map(|(k, v)| entry(&k, v))
-            .collect()
+        Ok(out)
     }
 
     fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
@@ -606,7 +618,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
         /// Reads over the log and the table answer as one sorted map would,
         /// whatever was folded when.
         #[test]
