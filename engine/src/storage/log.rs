@@ -31,7 +31,7 @@
 //! commit too.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 
 use super::{Write, WriteBatch};
@@ -219,8 +219,8 @@ impl LogFile {
                 std::io::Error::other("injected failure"),
             ));
         }
-        self.file
-            .write_all_at(record, self.end)
+        let end = self.end;
+        write_at(&mut self.file, record, end)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| self.error("cannot write a commit", e))?;
         self.end = needed;
@@ -243,9 +243,7 @@ impl LogFile {
         let mut at = self.len;
         while at < size {
             let n = CHUNK.min((size - at) as usize);
-            self.file
-                .write_all_at(&zeros[..n], at)
-                .map_err(|e| self.error("cannot grow", e))?;
+            write_at(&mut self.file, &zeros[..n], at).map_err(|e| self.error("cannot grow", e))?;
             at += n as u64;
         }
         self.file
@@ -258,6 +256,13 @@ impl LogFile {
     fn error(&self, what: &str, e: std::io::Error) -> StorageError {
         StorageError::Backend(format!("commit log {}: {what}: {e}", self.path.display()))
     }
+}
+
+/// Write `bytes` at `offset` (portable: a seek and a write, which the
+/// log's exclusive `&mut` access makes safe).
+fn write_at(file: &mut File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(offset))?;
+    file.write_all(bytes)
 }
 
 fn sync_parent(path: &Path) -> std::io::Result<()> {
