@@ -184,11 +184,12 @@ impl LogFile {
             fail_writes: false,
         };
         if created {
-            // The file's directory entry must be durable before any record
-            // in the file is acknowledged.
             log.grow(INITIAL_SIZE.min(capacity))?;
-            sync_parent(path).map_err(|e| io("cannot sync its directory", e))?;
         }
+        // The file's directory entry must be durable before any record in
+        // it is acknowledged; on every open, since a crash may have come
+        // between an earlier run's creating the file and syncing this.
+        sync_parent(path).map_err(|e| io("cannot sync its directory", e))?;
         Ok((log, records))
     }
 

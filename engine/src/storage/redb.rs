@@ -243,6 +243,7 @@ fn create_atomically(path: &Path) -> Result<(), StorageError> {
         })?;
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(TABLE).map_err(backend)?;
+        txn.open_table(LOG_STATE).map_err(backend)?;
         txn.commit().map_err(backend)?;
     }
     std::fs::File::open(&tmp)
