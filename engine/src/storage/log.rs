@@ -31,7 +31,7 @@
 //! commit too.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write as _};
+use std::io::{Read as _, Seek, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 
 use super::{Write, WriteBatch};
@@ -48,20 +48,27 @@ const INITIAL_SIZE: u64 = 256 * 1024;
 /// delete).
 pub(crate) type LoggedWrite = (Vec<u8>, Option<Vec<u8>>);
 
-/// Encode a batch as one record with sequence number `seq`.
-pub(crate) fn encode_record(seq: u64, batch: &WriteBatch) -> Result<Vec<u8>, StorageError> {
+/// A batch's writes as the log holds them (keys encoded once, here, for both
+/// the record and the writes kept in memory).
+pub(crate) fn logged_writes(batch: &WriteBatch) -> Vec<LoggedWrite> {
+    batch
+        .writes()
+        .iter()
+        .map(|write| match write {
+            Write::Put(k, v) => (k.encode(), Some(v.clone())),
+            Write::Delete(k) => (k.encode(), None),
+        })
+        .collect()
+}
+
+/// Encode a batch's writes as one record with sequence number `seq`.
+pub(crate) fn encode_record(seq: u64, writes: &[LoggedWrite]) -> Result<Vec<u8>, StorageError> {
     let mut out = vec![0u8; HEADER];
-    for write in batch.writes() {
-        match write {
-            Write::Put(k, v) => {
-                out.push(PUT);
-                put_bytes(&mut out, &k.encode())?;
-                put_bytes(&mut out, v)?;
-            }
-            Write::Delete(k) => {
-                out.push(DELETE);
-                put_bytes(&mut out, &k.encode())?;
-            }
+    for (key, value) in writes {
+        out.push(if value.is_some() { PUT } else { DELETE });
+        put_bytes(&mut out, key)?;
+        if let Some(value) = value {
+            put_bytes(&mut out, value)?;
         }
     }
     let len = u32::try_from(out.len() - HEADER).map_err(|_| too_big(out.len()))?;
@@ -165,7 +172,10 @@ impl LogFile {
             .truncate(false)
             .open(path)
             .map_err(|e| io("cannot open", e))?;
-        let bytes = std::fs::read(path).map_err(|e| io("cannot read", e))?;
+        let mut bytes = Vec::new();
+        (&file)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io("cannot read", e))?;
         let mut records = Vec::new();
         let mut at = 0;
         let mut seq = folded + 1;
@@ -208,11 +218,12 @@ impl LogFile {
         Ok(())
     }
 
-    /// Write `record` after the last one and make it durable. On an error
-    /// the file's state is unknown and nothing more may be written to it.
+    /// Write `record` after the last one and make it durable, into room
+    /// made by [`reserve`](Self::reserve). On an error the file's state is
+    /// unknown and nothing more may be written to it.
     pub(crate) fn append(&mut self, record: &[u8]) -> Result<(), StorageError> {
-        self.reserve(record.len())?;
         let needed = self.end + record.len() as u64;
+        debug_assert!(needed <= self.len, "append without reserve");
         #[cfg(test)]
         if self.fail_writes {
             return Err(self.error(
@@ -292,7 +303,7 @@ mod tests {
 
     #[test]
     fn a_record_round_trips() {
-        let record = encode_record(7, &batch()).unwrap();
+        let record = encode_record(7, &logged_writes(&batch())).unwrap();
         let (writes, len) = decode_record(&record, 7).unwrap().unwrap();
         assert_eq!(len, record.len());
         assert_eq!(
@@ -307,7 +318,7 @@ mod tests {
 
     #[test]
     fn torn_stale_or_flipped_records_end_the_log() {
-        let record = encode_record(7, &batch()).unwrap();
+        let record = encode_record(7, &logged_writes(&batch())).unwrap();
         // Another sequence number: a record from before the last fold.
         assert_eq!(decode_record(&record, 8).unwrap(), None);
         // Every truncation: a write torn by a crash.
@@ -326,7 +337,7 @@ mod tests {
 
     #[test]
     fn a_checksummed_record_that_does_not_decode_is_an_error() {
-        let mut record = encode_record(3, &batch()).unwrap();
+        let mut record = encode_record(3, &logged_writes(&batch())).unwrap();
         record[HEADER] = 9; // an unknown operation
         let crc = crc32fast::hash(&record[4..]);
         record[0..4].copy_from_slice(&crc.to_le_bytes());
@@ -341,7 +352,9 @@ mod tests {
         let (mut log, records) = LogFile::open(&path, 1 << 20, 0).unwrap();
         assert!(records.is_empty());
         for seq in 1..=3 {
-            log.append(&encode_record(seq, &batch()).unwrap()).unwrap();
+            let record = encode_record(seq, &logged_writes(&batch())).unwrap();
+            log.reserve(record.len()).unwrap();
+            log.append(&record).unwrap();
         }
         drop(log);
         let (_, records) = LogFile::open(&path, 1 << 20, 0).unwrap();
@@ -352,7 +365,9 @@ mod tests {
         // The file is rewritten from its start, and the stale records after
         // the new one are not read back.
         log.rewind();
-        log.append(&encode_record(4, &batch()).unwrap()).unwrap();
+        let record = encode_record(4, &logged_writes(&batch())).unwrap();
+        log.reserve(record.len()).unwrap();
+        log.append(&record).unwrap();
         drop(log);
         let (_, records) = LogFile::open(&path, 1 << 20, 3).unwrap();
         assert_eq!(records.len(), 1);
@@ -368,6 +383,7 @@ mod tests {
         let record = vec![0u8; 100 * 1024];
         let mut appended = 0;
         while log.fits(record.len()) {
+            log.reserve(record.len()).unwrap();
             log.append(&record).unwrap();
             appended += 1;
         }

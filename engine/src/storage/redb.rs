@@ -14,8 +14,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 
-use super::log::{LogFile, LoggedWrite, encode_record};
-use super::{Storage, StorageKey, Write, WriteBatch, prefix_range};
+use super::log::{LogFile, LoggedWrite, encode_record, logged_writes};
+use super::{Storage, StorageKey, WriteBatch, prefix_range};
 use crate::error::StorageError;
 
 const TABLE: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("tandem");
@@ -110,7 +110,7 @@ impl RedbStorage {
             for (key, value) in records.into_iter().flatten() {
                 log.pending.insert(key, value);
             }
-            storage.fold(&mut log, None)?;
+            storage.fold(&mut log, &[])?;
         }
         if capacity == 0 {
             drop(log);
@@ -173,7 +173,7 @@ impl RedbStorage {
             None => Ok(()),
             Some(log) => {
                 let mut log = self.lock(log)?;
-                self.fold(&mut log, None)
+                self.fold(&mut log, &[])
             }
         }
     }
@@ -188,26 +188,18 @@ impl RedbStorage {
         }
     }
 
-    /// Write the pending writes and then `batch` into the table in one
+    /// Write the pending writes and then `extra` into the table in one
     /// durable transaction that also records the last folded record, then
     /// start the log afresh.
-    fn fold(&self, log: &mut Log, batch: Option<&WriteBatch>) -> Result<(), StorageError> {
-        if log.pending.is_empty() && batch.is_none() {
+    fn fold(&self, log: &mut Log, extra: &[LoggedWrite]) -> Result<(), StorageError> {
+        if log.pending.is_empty() && extra.is_empty() {
             return Ok(());
         }
         let txn = self.db.begin_write().map_err(backend)?;
         {
             let mut table = txn.open_table(TABLE).map_err(backend)?;
-            for (key, value) in &log.pending {
-                match value {
-                    Some(v) => table.insert(key.as_slice(), v.as_slice()).map(drop),
-                    None => table.remove(key.as_slice()).map(drop),
-                }
-                .map_err(backend)?;
-            }
-            if let Some(batch) = batch {
-                write_batch(&mut table, batch)?;
-            }
+            write_all(&mut table, log.pending.iter())?;
+            write_all(&mut table, extra.iter().map(|(k, v)| (k, v)))?;
             let mut state = txn.open_table(LOG_STATE).map_err(backend)?;
             state.insert(FOLDED, log.next - 1).map_err(backend)?;
         }
@@ -264,14 +256,15 @@ fn backend(e: impl std::fmt::Display) -> StorageError {
     StorageError::Backend(e.to_string())
 }
 
-fn write_batch(
+/// Put or remove (`None`) each encoded key, in order.
+fn write_all<'a>(
     table: &mut redb::Table<'_, &[u8], &[u8]>,
-    batch: &WriteBatch,
+    writes: impl IntoIterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
 ) -> Result<(), StorageError> {
-    for write in batch.writes() {
-        match write {
-            Write::Put(k, v) => table.insert(k.encode().as_slice(), v.as_slice()).map(drop),
-            Write::Delete(k) => table.remove(k.encode().as_slice()).map(drop),
+    for (key, value) in writes {
+        match value {
+            Some(v) => table.insert(key.as_slice(), v.as_slice()).map(drop),
+            None => table.remove(key.as_slice()).map(drop),
         }
         .map_err(backend)?;
     }
@@ -406,23 +399,26 @@ impl Storage for RedbStorage {
     }
 
     fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+        let writes = logged_writes(batch);
         let Some(log) = &self.log else {
             let txn = self.db.begin_write().map_err(backend)?;
-            write_batch(&mut txn.open_table(TABLE).map_err(backend)?, batch)?;
+            write_all(
+                &mut txn.open_table(TABLE).map_err(backend)?,
+                writes.iter().map(|(k, v)| (k, v)),
+            )?;
             return txn.commit().map_err(backend);
         };
-        if batch.is_empty() {
+        if writes.is_empty() {
             return Ok(());
         }
         let mut log = self.lock(log)?;
-        let seq = log.next;
-        let record = encode_record(seq, batch)?;
+        let record = encode_record(log.next, &writes)?;
         if !log.file.fits(record.len()) {
             // Full (or a batch larger than the whole log): the batch goes
             // to redb with everything logged before it, in one durable
             // transaction.
             log.next += 1;
-            if let Err(e) = self.fold(&mut log, Some(batch)) {
+            if let Err(e) = self.fold(&mut log, &writes) {
                 log.next -= 1;
                 return Err(e);
             }
@@ -436,13 +432,7 @@ impl Storage for RedbStorage {
             return Err(e);
         }
         log.next += 1;
-        for write in batch.writes() {
-            let (key, value): LoggedWrite = match write {
-                Write::Put(k, v) => (k.encode(), Some(v.clone())),
-                Write::Delete(k) => (k.encode(), None),
-            };
-            log.pending.insert(key, value);
-        }
+        log.pending.extend(writes);
         Ok(())
     }
 }
@@ -560,12 +550,9 @@ mod tests {
         // Tear the third record: its commit was never acknowledged.
         let wal = format!("{}-wal", copy.display());
         let mut bytes = std::fs::read(&wal).unwrap();
-        let record = super::super::log::encode_record(3, &{
-            let mut b = WriteBatch::new();
-            b.put(key(2), vec![2; 10]);
-            b
-        })
-        .unwrap();
+        let mut b = WriteBatch::new();
+        b.put(key(2), vec![2; 10]);
+        let record = encode_record(3, &logged_writes(&b)).unwrap();
         let third = bytes
             .windows(record.len())
             .position(|w| w == record)
