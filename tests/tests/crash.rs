@@ -352,7 +352,7 @@ fn verify(store: &Path, acked: &[Ack]) -> Result<StoreState, String> {
 
 /// Copy the store and its commit log (`-wal`), as far as they exist.
 fn keep_evidence(store: &Path, to: &Path) {
-    let wal = |p: &Path| PathBuf::from(format!("{}-wal", p.display()));
+    let wal = RedbStorage::log_path;
     for (from, to) in [(store.to_owned(), to.to_owned()), (wal(store), wal(to))] {
         if from.exists() {
             std::fs::copy(&from, &to).unwrap();

@@ -9,7 +9,7 @@
 //! over the table.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
@@ -86,9 +86,7 @@ impl RedbStorage {
         })?;
         let mut storage = Self { db, log: None };
         storage.ensure_table()?;
-        let mut log_path = path.as_os_str().to_owned();
-        log_path.push("-wal");
-        let log_path = std::path::PathBuf::from(log_path);
+        let log_path = Self::log_path(path);
         if capacity == 0 && !log_path.exists() {
             return Ok(storage);
         }
@@ -124,6 +122,14 @@ impl RedbStorage {
         }
         storage.log = Some(Mutex::new(log));
         Ok(storage)
+    }
+
+    /// The commit log's file for the store at `path`: `<path>-wal`, beside
+    /// it.
+    pub fn log_path(path: impl AsRef<Path>) -> PathBuf {
+        let mut log_path = path.as_ref().as_os_str().to_owned();
+        log_path.push("-wal");
+        PathBuf::from(log_path)
     }
 
     /// Create the tables on first open, so reads never meet a missing table.
@@ -473,8 +479,7 @@ mod tests {
     /// copy holds it, as the disk would after a kill).
     fn crash_copy(from: &Path, to: &Path) {
         std::fs::copy(from, to).unwrap();
-        let wal = |p: &Path| std::path::PathBuf::from(format!("{}-wal", p.display()));
-        std::fs::copy(wal(from), wal(to)).unwrap();
+        std::fs::copy(RedbStorage::log_path(from), RedbStorage::log_path(to)).unwrap();
     }
 
     #[test]
@@ -523,7 +528,7 @@ mod tests {
         assert_eq!(reopened.folded().unwrap(), commits);
         drop(reopened);
         // A store that was dropped needs no log.
-        std::fs::remove_file(format!("{}-wal", copy.display())).unwrap();
+        std::fs::remove_file(RedbStorage::log_path(&copy)).unwrap();
         let reopened = RedbStorage::open_with_log_capacity(&copy, 0).unwrap();
         assert_eq!(reopened.scan(&prefix, None, usize::MAX).unwrap(), expect);
 
@@ -548,7 +553,7 @@ mod tests {
         }
         crash_copy(&path, &copy);
         // Tear the third record: its commit was never acknowledged.
-        let wal = format!("{}-wal", copy.display());
+        let wal = RedbStorage::log_path(&copy);
         let mut bytes = std::fs::read(&wal).unwrap();
         let mut b = WriteBatch::new();
         b.put(key(2), vec![2; 10]);
