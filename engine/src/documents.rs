@@ -2,7 +2,7 @@
 //! incrementally, compacted when the incrementals outgrow the snapshot, and
 //! evicted when idle and over budget.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use automerge::{AutoCommit, ChangeHash};
@@ -124,6 +124,11 @@ pub(crate) struct Documents<S> {
     /// not parsed yet: stored as they are at the next flush, and loaded only
     /// if used before then.
     unloaded: HashMap<DocumentId, Unloaded>,
+    /// Every loaded document handed out by [`get`](Self::get) since the
+    /// last [`plan_saves`](Self::plan_saves), plus those it planned: the
+    /// only ones that can be dirty, so a flush looks at these instead of at
+    /// every loaded document.
+    touched: HashSet<DocumentId>,
     quarantined: HashMap<DocumentId, String>,
     clock: u64,
 }
@@ -135,6 +140,7 @@ impl<S: Storage> Documents<S> {
             config,
             loaded: HashMap::new(),
             unloaded: HashMap::new(),
+            touched: HashSet::new(),
             quarantined: HashMap::new(),
             clock: 0,
         }
@@ -288,6 +294,7 @@ impl<S: Storage> Documents<S> {
         }
         let entry = self.loaded.get_mut(id).expect("inserted above");
         entry.last_used = self.clock;
+        self.touched.insert(*id);
         Ok(Some(entry))
     }
 
@@ -428,7 +435,12 @@ impl<S: Storage> Documents<S> {
             };
             plans.push(SavePlan { document: id, kind });
         }
-        for (id, loaded) in self.loaded.iter_mut().filter(|(_, l)| l.dirty) {
+        // Only a document handed out by `get` can have been made dirty.
+        for id in std::mem::take(&mut self.touched) {
+            let Some(loaded) = self.loaded.get_mut(&id).filter(|l| l.dirty) else {
+                continue;
+            };
+            let id = &id;
             // A document stored for the first time is stored whole: for a
             // new document automerge writes a snapshot faster than the
             // same history as change chunks, and loads it in about half
@@ -481,6 +493,8 @@ impl<S: Storage> Documents<S> {
                 });
             }
         }
+        // Planned documents stay dirty until `apply`; look at them again.
+        self.touched.extend(plans.iter().map(|p| p.document));
         plans
     }
 
