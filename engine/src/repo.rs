@@ -405,7 +405,8 @@ impl<S: Storage> Repo<S> {
     }
 
     /// [`create_with_id`](Self::create_with_id) for an id the caller has
-    /// just found absent ([`contains`](Self::contains) said no).
+    /// just found absent ([`contains`](Self::contains) said no, or
+    /// [`view_if_present`](Self::view_if_present) found nothing).
     pub(crate) fn create_absent(&mut self, id: DocumentId) -> Result<(), RepoError> {
         if self.purge_marker(&id)?.is_some() {
             return Err(RepoError::Purged(id));
@@ -495,9 +496,22 @@ impl<S: Storage> Repo<S> {
         id: &DocumentId,
         f: impl FnOnce(&Automerge) -> R,
     ) -> Result<R, RepoError> {
-        let loaded = self.docs.get(id)?.ok_or(RepoError::NotFound(*id))?;
+        self.view_if_present(id, f)?.ok_or(RepoError::NotFound(*id))
+    }
+
+    /// [`view`](Self::view) if the document is here, `Ok(None)` if it is
+    /// not: one lookup where [`contains`](Self::contains) then `view` would
+    /// read storage twice for a document not in memory.
+    pub fn view_if_present<R>(
+        &mut self,
+        id: &DocumentId,
+        f: impl FnOnce(&Automerge) -> R,
+    ) -> Result<Option<R>, RepoError> {
+        let Some(loaded) = self.docs.get(id)? else {
+            return Ok(None);
+        };
         match catch_unwind(AssertUnwindSafe(|| f(loaded.doc.document()))) {
-            Ok(r) => Ok(r),
+            Ok(r) => Ok(Some(r)),
             Err(panic) => Err(self.quarantine(*id, panic_message(panic))),
         }
     }

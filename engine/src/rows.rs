@@ -695,19 +695,16 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
         }
         let schema = self.schema.clone();
         let (id, generation) = self.rows.locate(&schema, key)?;
-        let exists = self.rows.repo_mut().contains(&id)?;
         let written: Vec<&str> = columns.iter().map(|(c, _)| c.as_str()).collect();
-        let (live, seen) = if exists {
-            self.rows.repo_mut().view(&id, |d| {
-                let st = document::state(d, &At(None));
-                (
-                    st.live(),
-                    document::latest_timestamp(d, &st, Some(&written)),
-                )
-            })?
-        } else {
-            (false, None)
-        };
+        let found = self.rows.repo_mut().view_if_present(&id, |d| {
+            let st = document::state(d, &At(None));
+            (
+                st.live(),
+                document::latest_timestamp(d, &st, Some(&written)),
+            )
+        })?;
+        let exists = found.is_some();
+        let (live, seen) = found.unwrap_or((false, None));
         let revive = match (mode, live) {
             (Mode::Insert, true) => {
                 return Err(RowError::AlreadyExists {
