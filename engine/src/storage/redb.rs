@@ -84,6 +84,13 @@ impl RedbStorage {
         let db = Database::create(path).map_err(|e| {
             StorageError::Backend(format!("cannot open store {}: {e}", path.display()))
         })?;
+        Self::with_database(db, path, capacity)
+    }
+
+    /// The rest of [`open_with_log_capacity`](Self::open_with_log_capacity),
+    /// once redb has opened the store at `path` as `db` (tests open it on a
+    /// backend that fails on demand).
+    fn with_database(db: Database, path: &Path, capacity: u64) -> Result<Self, StorageError> {
         let mut storage = Self { db, log: None };
         storage.ensure_table()?;
         let log_path = Self::log_path(path);
@@ -608,6 +615,122 @@ mod tests {
         assert_eq!(reopened.get(&key(2)).unwrap(), None);
         reopened.commit(&put(3)).unwrap();
         assert_eq!(reopened.get(&key(3)).unwrap(), Some(vec![3; 10]));
+    }
+
+    /// redb's file, failing every write and sync while `fail` is set.
+    #[derive(Debug)]
+    struct Flaky {
+        file: redb::backends::FileBackend,
+        fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Flaky {
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected redb failure"));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for Flaky {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+    }
+
+    #[test]
+    fn a_failed_fold_refuses_that_commit_only_and_loses_no_logged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let copy = dir.path().join("copy.redb");
+        // Created without a log, so the one opened below is 1 KiB.
+        drop(RedbStorage::open_with_log_capacity(&path, 0).unwrap());
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let backend = Flaky {
+            file: redb::backends::FileBackend::new(file).unwrap(),
+            fail: fail.clone(),
+        };
+        let db = Database::builder().create_with_backend(backend).unwrap();
+        let s = RedbStorage::with_database(db, &path, 1024).unwrap();
+        let put = |i: u8| {
+            let mut b = WriteBatch::new();
+            b.put(key(i), vec![i; 100]);
+            b
+        };
+        s.commit(&put(0)).unwrap();
+        s.checkpoint().unwrap();
+        // redb now fails: commits go on into the log until it is full, and
+        // the one that needs a fold is refused.
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut acknowledged = vec![0];
+        let refused = (1..50)
+            .find(|&i| match s.commit(&put(i)) {
+                Ok(()) => {
+                    acknowledged.push(i);
+                    false
+                }
+                Err(e) => {
+                    assert!(e.to_string().contains("injected redb failure"), "{e}");
+                    true
+                }
+            })
+            .expect("a 1 KiB log fills within 50 commits of 100 bytes");
+        assert!(acknowledged.len() > 2, "{acknowledged:?}");
+        for &i in &acknowledged {
+            assert_eq!(s.get(&key(i)).unwrap(), Some(vec![i; 100]));
+        }
+        assert_eq!(s.get(&key(refused)).unwrap(), None);
+        assert_eq!(
+            s.scan(&StorageKey::new(["d"]).unwrap(), None, usize::MAX)
+                .unwrap()
+                .len(),
+            acknowledged.len()
+        );
+        assert!(s.checkpoint().is_err());
+        // redb refuses every write after an I/O error, even once the disk
+        // works again, and says to reopen; reads go on.
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        let err = s.commit(&put(refused)).unwrap_err();
+        assert!(err.to_string().contains("re-open"), "{err}");
+        assert_eq!(s.get(&key(0)).unwrap(), Some(vec![0; 100]));
+        // A crash now: the log holds every acknowledged commit, and the next
+        // open folds them.
+        crash_copy(&path, &copy);
+        drop(s);
+        let reopened = RedbStorage::open(&copy).unwrap();
+        for &i in &acknowledged {
+            assert_eq!(reopened.get(&key(i)).unwrap(), Some(vec![i; 100]));
+        }
+        assert_eq!(reopened.get(&key(refused)).unwrap(), None);
+        reopened.commit(&put(refused)).unwrap();
+        drop(reopened);
+        let reopened = RedbStorage::open_with_log_capacity(&copy, 0).unwrap();
+        assert_eq!(
+            reopened.get(&key(refused)).unwrap(),
+            Some(vec![refused; 100])
+        );
+        assert!(!RedbStorage::log_path(&copy).exists());
     }
 
     proptest::proptest! {
