@@ -436,11 +436,11 @@ impl<S: Storage> Documents<S> {
             plans.push(SavePlan { document: id, kind });
         }
         // Only a document handed out by `get` can have been made dirty.
-        for id in std::mem::take(&mut self.touched) {
-            let Some(loaded) = self.loaded.get_mut(&id).filter(|l| l.dirty) else {
+        let touched = std::mem::take(&mut self.touched);
+        for id in &touched {
+            let Some(loaded) = self.loaded.get_mut(id).filter(|l| l.dirty) else {
                 continue;
             };
-            let id = &id;
             // A document stored for the first time is stored whole: for a
             // new document automerge writes a snapshot faster than the
             // same history as change chunks, and loads it in about half

@@ -463,6 +463,9 @@ impl Drop for RedbStorage {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use super::*;
 
     #[test]
@@ -621,12 +624,12 @@ mod tests {
     #[derive(Debug)]
     struct Flaky {
         file: redb::backends::FileBackend,
-        fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        fail: Arc<AtomicBool>,
     }
 
     impl Flaky {
         fn check(&self) -> std::io::Result<()> {
-            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.fail.load(Ordering::SeqCst) {
                 return Err(std::io::Error::other("injected redb failure"));
             }
             Ok(())
@@ -661,7 +664,7 @@ mod tests {
         let copy = dir.path().join("copy.redb");
         // Created without a log, so the one opened below is 1 KiB.
         drop(RedbStorage::open_with_log_capacity(&path, 0).unwrap());
-        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fail = Arc::new(AtomicBool::new(false));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -682,7 +685,7 @@ mod tests {
         s.checkpoint().unwrap();
         // redb now fails: commits go on into the log until it is full, and
         // the one that needs a fold is refused.
-        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        fail.store(true, Ordering::SeqCst);
         let mut acknowledged = vec![0];
         let refused = (1..50)
             .find(|&i| match s.commit(&put(i)) {
@@ -710,7 +713,7 @@ mod tests {
         assert!(s.checkpoint().is_err());
         // redb refuses every write after an I/O error, even once the disk
         // works again, and says to reopen; reads go on.
-        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        fail.store(false, Ordering::SeqCst);
         let err = s.commit(&put(refused)).unwrap_err();
         assert!(err.to_string().contains("re-open"), "{err}");
         assert_eq!(s.get(&key(0)).unwrap(), Some(vec![0; 100]));
