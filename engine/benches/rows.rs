@@ -31,6 +31,11 @@
 
 mod common;
 
+/// The allocator Tandem's own binaries use (the `tandem` relay): every
+/// contestant of a comparison runs in this process, so all share it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};

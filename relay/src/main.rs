@@ -11,6 +11,12 @@ use tandem_engine::{DocumentId, PeerId, RedbStorage, Repo, RepoConfig, ServeOnRe
 use tandem_relay::{Auth, Claims, Grant, RelayConfig, mint, serve};
 use tokio::net::TcpListener;
 
+/// automerge's columnar documents make many small allocations and frees,
+/// which mimalloc serves in about three quarters of glibc malloc's time
+/// (docs/benchmarks.md, "The allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tandem: a collaborative state engine. `tandem serve` runs a relay that
 /// automerge-repo clients (JS, samod, Tandem) connect to.
 #[derive(Debug, Parser)]
