@@ -369,6 +369,39 @@ fn the_feed_delivers_every_commit_once_in_order_and_resumes() {
 
 // ---- protocol --------------------------------------------------------------
 
+/// A large in-process sync goes in bounded steps, as a network driver's
+/// batches do: the receiving side answers and stores what it was sent every
+/// 1,000 frames, so neither side holds every document in memory at once and
+/// a sync cut short keeps what arrived. Here a new replica fetches 2,500
+/// documents and must store them in several commits, not in one at the end.
+#[test]
+fn a_large_in_process_sync_stores_as_it_goes() {
+    let mut server = server();
+    let docs: Vec<DocumentId> = (0..2_500)
+        .map(|i| {
+            let doc = server.create().unwrap();
+            put(&mut server, &doc, "n", i);
+            doc
+        })
+        .collect();
+    server.flush().unwrap();
+    let storage = Arc::new(Faulty::default());
+    let mut fresh = Repo::open(storage.clone(), config("fresh"), ShareAll).unwrap();
+    for doc in &docs {
+        fresh.request(*doc).unwrap();
+    }
+    let before = storage.commits.load(Ordering::SeqCst);
+    sync_in_process(&mut fresh, &mut server, 50).unwrap();
+    let commits = storage.commits.load(Ordering::SeqCst) - before;
+    assert!(
+        commits >= 3,
+        "2,500 documents arrived in {commits} commits: the receiver did not flush as it went"
+    );
+    for (i, doc) in docs.iter().enumerate().step_by(97) {
+        assert_eq!(get(&mut fresh, doc, "n"), Some(i as i64));
+    }
+}
+
 /// A replica that requests a document it has nothing of receives it whole
 /// (automerge's sync sends a saved document then) and stores those bytes as
 /// they came: a document chunk, not the changes encoded again.
