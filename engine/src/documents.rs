@@ -448,11 +448,15 @@ impl<S: Storage> Documents<S> {
             // A document stored for the first time is stored whole: for a
             // new document automerge writes a snapshot faster than the
             // same history as change chunks, and loads it in about half
-            // the time.
-            let first = loaded.saved.is_empty()
-                && loaded.received.is_none()
-                && loaded.snapshot.is_none()
-                && loaded.incrementals.is_empty();
+            // the time. That includes one held as bytes (received whole, or
+            // created and saved at once) and then edited before the flush:
+            // one snapshot rather than those bytes and the edits after them.
+            let nothing_stored = loaded.snapshot.is_none() && loaded.incrementals.is_empty();
+            let first = nothing_stored
+                && match loaded.received {
+                    None => loaded.saved.is_empty(),
+                    Some(_) => loaded.synced.is_none(),
+                };
             let mut chunk = loaded.received.take().unwrap_or_default();
             let synced = loaded.synced.replace(Vec::new());
             if !first {

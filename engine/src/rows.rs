@@ -716,38 +716,40 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
             (Mode::Update | Mode::Upsert, true) => false,
             (Mode::Insert | Mode::Upsert, false) => true,
         };
-        if !exists {
-            match self.rows.repo_mut().create_absent(id) {
-                Ok(()) => {}
-                Err(RepoError::Purged(_)) => {
-                    return Err(RowError::Purged {
-                        table: schema.name.clone(),
-                        key: key.to_owned(),
-                    });
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
         let ts = self.rows.tick(seen.as_ref());
-        self.rows
-            .repo_mut()
-            .change_with(&id, document::stamped(&ts), |d| {
-                ensure_columns(d, &id, &schema)?;
-                if !exists && document::init_new_row(d, &schema, key, &columns)? {
-                    return Ok(());
+        let write = |d: &mut AutoCommit| {
+            ensure_columns(d, &id, &schema)?;
+            if !exists && document::init_new_row(d, &schema, key, &columns)? {
+                return Ok(());
+            }
+            if revive {
+                clear(d, &schema)?;
+                if d.get(ROOT, document::TABLE)?.is_none() {
+                    d.put(ROOT, document::TABLE, schema.name.as_str())?;
+                    d.put(ROOT, document::KEY, key)?;
                 }
-                if revive {
-                    clear(d, &schema)?;
-                    if d.get(ROOT, document::TABLE)?.is_none() {
-                        d.put(ROOT, document::TABLE, schema.name.as_str())?;
-                        d.put(ROOT, document::KEY, key)?;
-                    }
-                }
-                for (column, value) in &columns {
-                    write_column(d, &schema, column, value)?;
-                }
-                Ok(())
-            })?;
+            }
+            for (column, value) in &columns {
+                write_column(d, &schema, column, value)?;
+            }
+            Ok(())
+        };
+        let repo = self.rows.repo_mut();
+        let written = if exists {
+            repo.change_with(&id, document::stamped(&ts), write)
+        } else {
+            repo.create_absent_with(id, document::stamped(&ts), write)
+        };
+        match written {
+            Ok(()) => {}
+            Err(RepoError::Purged(_)) => {
+                return Err(RowError::Purged {
+                    table: schema.name.clone(),
+                    key: key.to_owned(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(revive.then_some(generation))
     }
 
