@@ -396,10 +396,18 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
             return Ok(());
         }
         self.repo_mut().change(&id, |d| {
-            for (key, generation) in &todo {
-                if fresh || catalog::generation(d, key) != Some(*generation) {
-                    catalog::put(d, &schema.name, shard, schema.shards, key, *generation)?;
-                }
+            let missing: Vec<&(String, u64)> = todo
+                .iter()
+                .copied()
+                .filter(|(key, generation)| {
+                    fresh || catalog::generation(d, key) != Some(*generation)
+                })
+                .collect();
+            if missing.len() >= catalog::PAGE_MIN {
+                return catalog::put_page(d, &schema.name, shard, schema.shards, &missing);
+            }
+            for (key, generation) in missing {
+                catalog::put(d, &schema.name, shard, schema.shards, key, *generation)?;
             }
             Ok(())
         })?;

@@ -1054,3 +1054,76 @@ fn new_rows_are_saved_at_once_and_read_back_after_reopening() {
     assert_eq!(n(&mut a, "k4"), Some(Value::Int(40)));
     assert_eq!(n(&mut a, "k9"), Some(Value::Int(9)));
 }
+
+/// How many pages (`rows.<id>` root keys) the store's catalogs hold.
+fn catalog_pages(r: &mut Store) -> usize {
+    use tandem_engine::automerge::{ROOT, ReadDoc};
+    let mut pages = 0;
+    for id in r.repo().document_ids().unwrap() {
+        pages += r
+            .repo_mut()
+            .view(&id, |d| {
+                if d.get(ROOT, "_shards").unwrap().is_none() {
+                    return 0;
+                }
+                d.keys(ROOT).filter(|k| k.starts_with("rows.")).count()
+            })
+            .unwrap();
+    }
+    pages
+}
+
+/// A batch of keys is listed in a page of its own (`rows.<id>`, one batch
+/// insertion) rather than key by key in `rows`. Pages made on two offline
+/// replicas merge, a replica that syncs the table over the protocol
+/// discovers every row they list, and a key purged after being listed in a
+/// page moves on to its next generation.
+#[test]
+fn pages_of_keys_merge_are_discovered_and_purges_move_past_them() {
+    let schema = TableSchema::new("tasks").shards(2);
+    // a serves what it is asked for and announces nothing, like a relay.
+    let repo = Repo::open(
+        MemoryStorage::new(),
+        RepoConfig::new(PeerId::new("a")),
+        tandem_engine::ServeOnRequest,
+    )
+    .unwrap();
+    let mut a = Rows::new(repo, || 1_000);
+    a.define(schema.clone());
+    let (mut b, _) = replica("b", &schema);
+    a.table("tasks").insert_many(numbered(0..100)).unwrap();
+    b.table("tasks").insert_many(numbered(100..200)).unwrap();
+    a.flush().unwrap();
+    b.flush().unwrap();
+    assert_eq!(catalog_pages(&mut a), 2, "one page per shard");
+    link(&mut b, &mut a);
+    assert_eq!(catalog_pages(&mut a), 4, "both replicas' pages");
+    assert_eq!(keys(&mut a, "tasks").len(), 200);
+
+    // A new replica that knows nothing but the table's name.
+    let (mut fresh, _) = replica("fresh", &schema);
+    fresh.subscribe("tasks").unwrap();
+    tandem_engine::sync_in_process(fresh.repo_mut(), a.repo_mut(), 50).unwrap();
+    assert_eq!(fresh.discover("tasks").unwrap(), 200);
+    tandem_engine::sync_in_process(fresh.repo_mut(), a.repo_mut(), 50).unwrap();
+    assert_eq!(fresh.discover("tasks").unwrap(), 0);
+    assert_eq!(keys(&mut fresh, "tasks"), keys(&mut a, "tasks"));
+
+    // A store of its own (no other members): delete, purge, insert again.
+    let (mut c, _) = replica("c", &TableSchema::new("tasks").shards(1));
+    c.table("tasks").insert_many(numbered(0..40)).unwrap();
+    let first = c.table("tasks").document_id("k005").unwrap();
+    c.table("tasks").delete("k005").unwrap();
+    c.flush().unwrap();
+    assert_eq!(c.cleanup().unwrap().purged.len(), 1);
+    c.table("tasks")
+        .insert("k005", [("n", Value::Int(55))])
+        .unwrap();
+    let second = c.table("tasks").document_id("k005").unwrap();
+    assert_ne!(first, second, "the next generation's row document");
+    assert_eq!(
+        c.table("tasks").get("k005").unwrap().unwrap().get("n"),
+        Some(&Value::Int(55))
+    );
+    assert_eq!(keys(&mut c, "tasks").len(), 40);
+}

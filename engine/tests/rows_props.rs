@@ -53,7 +53,16 @@ enum Op {
         r: usize,
         ms: u64,
     },
+    /// `upsert_many` of 40 keys `b<batch>.<i>` (about 20 per catalog
+    /// shard, so each shard's listing is a page of its own).
+    Bulk {
+        r: usize,
+        t: usize,
+        batch: u8,
+    },
 }
+
+const BULK: i64 = 40;
 
 fn op(replicas: usize) -> impl Strategy<Value = Op> {
     let r = 0..replicas;
@@ -68,7 +77,8 @@ fn op(replicas: usize) -> impl Strategy<Value = Op> {
             .prop_map(|(r, t, key, at_start)| Op::Type { r, t, key, at_start }),
         1 => (r.clone(), t.clone(), key).prop_map(|(r, t, key)| Op::Delete { r, t, key }),
         3 => (r.clone(), r.clone()).prop_map(|(a, b)| Op::Sync { a, b }),
-        2 => (r, 0u64..3).prop_map(|(r, ms)| Op::Tick { r, ms }),
+        2 => (r.clone(), 0u64..3).prop_map(|(r, ms)| Op::Tick { r, ms }),
+        1 => (r, t, 0u8..3).prop_map(|(r, t, batch)| Op::Bulk { r, t, batch }),
     ]
 }
 
@@ -118,6 +128,8 @@ struct Model {
     /// Keys a delete touched anywhere: revives reset them, so the simple
     /// per-register rules are checked only on the others.
     deleted: BTreeSet<(usize, u8)>,
+    /// Bulk batches written: (table, batch).
+    bulk: BTreeSet<(usize, u8)>,
 }
 
 fn pair(v: &mut [Replica], i: usize, j: usize) -> (&mut Replica, &mut Replica) {
@@ -220,6 +232,15 @@ fn run(n: usize, ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Tick { r, ms } => {
                 replicas[r].clock.fetch_add(ms, Ordering::SeqCst);
             }
+            Op::Bulk { r, t, batch } => {
+                let rows = (0..BULK).map(|i| {
+                    let columns = [("a", Value::Int(i64::from(batch) * 100 + i))];
+                    (format!("b{batch}.{i}"), columns)
+                });
+                let written = replicas[r].rows.table(TABLES[t]).upsert_many(rows);
+                prop_assert_eq!(written.unwrap(), BULK as usize);
+                model.bulk.insert((t, batch));
+            }
         }
     }
     // Heal: two passes of a star around replica 0 reach everyone.
@@ -241,7 +262,22 @@ fn run(n: usize, ops: &[Op]) -> Result<(), TestCaseError> {
                 name
             );
         }
-        for row in &reference {
+        // Every bulk row is there once, with the only value written to it.
+        for &(_, batch) in model.bulk.iter().filter(|(bt, _)| *bt == t) {
+            for i in 0..BULK {
+                let key = format!("b{batch}.{i}");
+                let row = reference.iter().find(|row| row.key == key);
+                prop_assert!(row.is_some(), "table {} lost bulk row {}", name, key);
+                let value = row.and_then(|row| row.get("a").cloned());
+                prop_assert_eq!(value, Some(Value::Int(i64::from(batch) * 100 + i)));
+            }
+        }
+        let bulk_rows = reference.iter().filter(|row| row.key.starts_with('b'));
+        prop_assert_eq!(
+            bulk_rows.count(),
+            model.bulk.iter().filter(|(bt, _)| *bt == t).count() * BULK as usize
+        );
+        for row in reference.iter().filter(|row| !row.key.starts_with('b')) {
             let key: u8 = row.key.parse().unwrap();
             if model.deleted.contains(&(t, key)) {
                 continue;
