@@ -27,6 +27,20 @@ fn replica(name: &str, schema: &TableSchema) -> (Store, Arc<AtomicU64>) {
     (rows, clock)
 }
 
+/// A store that serves what it is asked for and announces nothing, like a
+/// relay.
+fn serving_replica(name: &str, schema: &TableSchema) -> Store {
+    let repo = Repo::open(
+        MemoryStorage::new(),
+        RepoConfig::new(PeerId::new(name)),
+        tandem_engine::ServeOnRequest,
+    )
+    .unwrap();
+    let mut rows = Rows::new(repo, || 1_000);
+    rows.define(schema.clone());
+    rows
+}
+
 fn s(v: &str) -> Value {
     Value::from(v)
 }
@@ -320,15 +334,7 @@ fn an_insert_after_a_delete_revives_the_row_with_only_its_values() {
 #[test]
 fn a_replica_that_syncs_a_table_over_the_protocol_learns_every_row() {
     let schema = TableSchema::new("tasks").shards(4);
-    // a serves what it is asked for and announces nothing, like a relay.
-    let repo = Repo::open(
-        MemoryStorage::new(),
-        RepoConfig::new(PeerId::new("a")),
-        tandem_engine::ServeOnRequest,
-    )
-    .unwrap();
-    let mut a = Rows::new(repo, || 1_000);
-    a.define(schema.clone());
+    let mut a = serving_replica("a", &schema);
     let (mut b, _) = replica("b", &schema);
     for i in 0..50 {
         a.table("tasks")
@@ -1081,15 +1087,7 @@ fn catalog_pages(r: &mut Store) -> usize {
 #[test]
 fn pages_of_keys_merge_are_discovered_and_purges_move_past_them() {
     let schema = TableSchema::new("tasks").shards(2);
-    // a serves what it is asked for and announces nothing, like a relay.
-    let repo = Repo::open(
-        MemoryStorage::new(),
-        RepoConfig::new(PeerId::new("a")),
-        tandem_engine::ServeOnRequest,
-    )
-    .unwrap();
-    let mut a = Rows::new(repo, || 1_000);
-    a.define(schema.clone());
+    let mut a = serving_replica("a", &schema);
     let (mut b, _) = replica("b", &schema);
     a.table("tasks").insert_many(numbered(0..100)).unwrap();
     b.table("tasks").insert_many(numbered(100..200)).unwrap();
