@@ -1145,3 +1145,58 @@ fn load_sync_state<S: Storage>(storage: &S, doc: &DocumentId, peer: &PeerInfo) -
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::{ROOT, ReadDoc};
+
+    use super::*;
+    use crate::{MemoryStorage, ShareAll};
+
+    fn repo() -> Repo<MemoryStorage> {
+        let config = RepoConfig::new(PeerId::new("t"));
+        Repo::open(MemoryStorage::new(), config, ShareAll).unwrap()
+    }
+
+    /// With no peer connected, the new document is held as bytes, reads
+    /// back, becomes durable at the flush with one local feed entry, and a
+    /// failing or panicking first change leaves nothing behind but, for the
+    /// panic, a quarantine.
+    #[test]
+    fn create_absent_with_holds_bytes_and_contains_failures() {
+        let mut repo = repo();
+        let id = DocumentId::random();
+        let options = CommitOptions::default().with_message("first");
+        repo.create_absent_with(id, options, |d| d.put(ROOT, "k", 1))
+            .unwrap();
+        assert!(!repo.is_loaded(&id), "held as bytes");
+        assert!(repo.contains(&id).unwrap());
+        let read = |d: &Automerge| d.get(ROOT, "k").unwrap().map(|(v, _)| v.to_i64());
+        assert_eq!(repo.view(&id, read).unwrap(), Some(Some(1)));
+        repo.flush().unwrap();
+        let feed = repo.feed().read(crate::Cursor::START, 10).unwrap();
+        assert_eq!(feed.len(), 1);
+        assert_eq!((feed[0].document, &feed[0].origin), (id, &Origin::Local));
+        assert!(repo.stored_bytes(&id).unwrap().is_some());
+
+        let failing = DocumentId::random();
+        let err = repo.create_absent_with(failing, CommitOptions::default(), |d| {
+            d.put(ROOT, "k", 1)?;
+            d.increment(ROOT, "k", 1)
+        });
+        assert!(matches!(err, Err(RepoError::Automerge(_))), "{err:?}");
+        assert!(!repo.contains(&failing).unwrap());
+
+        let panicking = DocumentId::random();
+        let err =
+            repo.create_absent_with(panicking, CommitOptions::default(), |_| -> Result<(), _> {
+                panic!("inside the first change")
+            });
+        assert!(matches!(err, Err(RepoError::Quarantined { .. })), "{err:?}");
+        repo.flush().unwrap();
+        assert!(repo.stored_bytes(&panicking).unwrap().is_none());
+        // The store goes on.
+        assert_eq!(repo.view(&id, read).unwrap(), Some(Some(1)));
+    }
+}
