@@ -1172,7 +1172,7 @@ mod tests {
             .unwrap();
         assert!(!repo.is_loaded(&id), "held as bytes");
         assert!(repo.contains(&id).unwrap());
-        let read = |d: &Automerge| d.get(ROOT, "k").unwrap().map(|(v, _)| v.to_i64());
+        let read = |d: &Automerge| d.get(ROOT, "k").unwrap().map(|(v, _)| v.as_i64());
         assert_eq!(repo.view(&id, read).unwrap(), Some(Some(1)));
         repo.flush().unwrap();
         let feed = repo.feed().read(crate::Cursor::START, 10).unwrap();
