@@ -5,7 +5,7 @@
 //! `#head|head` where each head is a bs58check-encoded change hash.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
 use std::str::FromStr;
@@ -75,16 +75,18 @@ impl DocumentId {
     }
 }
 
-/// How many recently formatted ids [`DocumentId`]'s `Display` remembers.
-const RECENT_IDS: usize = 4;
+/// How many formatted ids [`DocumentId`]'s `Display` remembers (per
+/// thread, under 100 bytes each, so at most about 400 KB). When full it
+/// starts afresh.
+const RECENT_IDS: usize = 4096;
 
 thread_local! {
-    /// The text forms of the ids formatted last, newest at the back. The
-    /// text form costs a double SHA-256 and a base-58 conversion, and the
-    /// engine formats one id several times in a row (each storage key of a
-    /// document starts with it).
-    static RECENT: RefCell<VecDeque<(DocumentId, Rc<str>)>> =
-        RefCell::new(VecDeque::with_capacity(RECENT_IDS));
+    /// The text forms of ids formatted lately. The text form costs a double
+    /// SHA-256 and a base-58 conversion, and the engine formats one id
+    /// several times (each storage key of a document starts with it): when
+    /// a row is created, and again when the flush stores it, a thousand
+    /// other ids later in a batched insert.
+    static RECENT: RefCell<HashMap<DocumentId, Rc<str>>> = RefCell::new(HashMap::new());
 }
 
 impl fmt::Display for DocumentId {
@@ -94,15 +96,13 @@ impl fmt::Display for DocumentId {
         let text = RECENT
             .try_with(|recent| {
                 let mut recent = recent.borrow_mut();
-                if let Some((_, text)) = recent.iter().find(|(id, _)| id == self) {
+                if let Some(text) = recent.get(self) {
                     return text.clone();
                 }
-                let text = encode();
                 if recent.len() == RECENT_IDS {
-                    recent.pop_front();
+                    recent.clear();
                 }
-                recent.push_back((*self, text.clone()));
-                text
+                recent.entry(*self).or_insert_with(encode).clone()
             })
             .unwrap_or_else(|_| encode());
         f.write_str(&text)
@@ -192,8 +192,13 @@ mod tests {
 
     #[test]
     fn remembered_text_forms_stay_right_for_many_ids() {
-        let ids: Vec<DocumentId> = (0..3 * RECENT_IDS as u8)
-            .map(|i| DocumentId::from_bytes([i; 16]))
+        // More than the cache holds, so it fills and starts afresh.
+        let ids: Vec<DocumentId> = (0..(3 * RECENT_IDS / 2) as u32)
+            .map(|i| {
+                let mut bytes = [7u8; 16];
+                bytes[..4].copy_from_slice(&i.to_le_bytes());
+                DocumentId::from_bytes(bytes)
+            })
             .collect();
         let direct = |id: &DocumentId| bs58::encode(id.0).with_check().into_string();
         for round in 0..3 {
