@@ -434,8 +434,8 @@ impl<S: Storage> Repo<S> {
             self.insert_empty(id);
             return self.change_with(&id, options, f);
         }
+        let mut doc = self.docs.new_doc();
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            let mut doc = AutoCommit::new();
             let r = f(&mut doc)?;
             doc.commit_with(options);
             let heads = doc.get_heads();
@@ -461,7 +461,7 @@ impl<S: Storage> Repo<S> {
     /// An empty document in memory: nothing to store until it is edited, and
     /// pinned so eviction does not forget it before then.
     fn insert_empty(&mut self, id: DocumentId) {
-        self.docs.insert_new(id, AutoCommit::new());
+        self.docs.insert_new(id, self.docs.new_doc());
         self.touch(id);
     }
 

@@ -282,6 +282,70 @@ fn idle_documents_are_evicted_and_reload_transparently() {
     assert_eq!(repo.document_ids().unwrap().len(), 10);
 }
 
+/// The distinct automerge actors of a document's changes.
+fn actors(repo: &mut Repo<impl Storage>, doc: &DocumentId) -> usize {
+    let actors: std::collections::BTreeSet<_> = repo
+        .view(doc, |d| {
+            d.get_changes(&[])
+                .iter()
+                .map(|c| c.actor_id().clone())
+                .collect()
+        })
+        .unwrap();
+    actors.len()
+}
+
+/// A store makes every change of one opening as one actor, however often a
+/// document is evicted and loaded again (each load used to add an actor to
+/// the document), and takes a new one once memory loses changes that were
+/// never stored, so no actor and sequence number name two changes.
+#[test]
+fn one_actor_per_opening_survives_eviction_and_changes_after_a_failed_flush() {
+    let storage = Arc::new(Faulty::default());
+    let mut cfg = config("a");
+    cfg.documents.max_loaded_documents = 2;
+    let mut repo = Repo::open(storage.clone(), cfg, ShareAll).unwrap();
+    let doc = repo.create().unwrap();
+    for round in 0..5 {
+        put(&mut repo, &doc, "n", round);
+        // Three other documents push it out of memory.
+        for _ in 0..3 {
+            let other = repo.create().unwrap();
+            put(&mut repo, &other, "n", 0);
+        }
+        repo.flush().unwrap();
+        assert!(!repo.is_loaded(&doc), "evicted in round {round}");
+    }
+    assert_eq!(get(&mut repo, &doc, "n"), Some(4));
+    assert_eq!(actors(&mut repo, &doc), 1);
+
+    // A change lost with a failed flush: the next one is another actor's.
+    put(&mut repo, &doc, "n", 5);
+    storage.fail.store(true, Ordering::SeqCst);
+    assert!(repo.flush().is_err());
+    storage.fail.store(false, Ordering::SeqCst);
+    put(&mut repo, &doc, "n", 6);
+    repo.flush().unwrap();
+    assert_eq!(get(&mut repo, &doc, "n"), Some(6));
+    assert_eq!(actors(&mut repo, &doc), 2);
+    let seqs: Vec<u64> = repo
+        .view(&doc, |d| {
+            d.get_changes(&[]).iter().map(|c| c.seq()).collect()
+        })
+        .unwrap();
+    assert_eq!(
+        seqs,
+        vec![1, 2, 3, 4, 5, 1],
+        "the lost change's sequence number is not reused"
+    );
+
+    // A new opening of the same store is a new actor again.
+    drop(repo);
+    let mut repo = Repo::open(storage, config("a"), ShareAll).unwrap();
+    put(&mut repo, &doc, "n", 7);
+    assert_eq!(actors(&mut repo, &doc), 3);
+}
+
 #[test]
 fn an_eviction_frees_a_sixteenth_of_the_budget_at_once() {
     let (mut repo, docs) = with_budget(32, 32);
