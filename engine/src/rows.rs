@@ -396,11 +396,17 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Rows<S, R> {
             return Ok(());
         }
         self.repo_mut().change(&id, |d| {
+            // A stale index: ask the catalog itself (its maps read once).
+            let maps = if fresh {
+                Vec::new()
+            } else {
+                catalog::listing_maps(d)
+            };
             let missing: Vec<&(String, u64)> = todo
                 .iter()
                 .copied()
                 .filter(|(key, generation)| {
-                    fresh || catalog::generation(d, key) != Some(*generation)
+                    fresh || catalog::generation_among(d, &maps, key) != Some(*generation)
                 })
                 .collect();
             if missing.len() >= catalog::PAGE_MIN {

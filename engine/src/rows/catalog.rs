@@ -115,14 +115,28 @@ fn generation_in(doc: &impl ReadDoc, map: &ObjId, key: &str) -> Option<u64> {
         .max()
 }
 
+/// The maps of a catalog document that list keys: `rows`, then every page
+/// (none if the document is not a catalog). Read them once for many
+/// lookups: finding the pages walks the root's keys.
+pub(crate) fn listing_maps(doc: &impl ReadDoc) -> Vec<ObjId> {
+    match rows_map(doc) {
+        Some(rows) => std::iter::once(rows).chain(pages(doc)).collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The key's current generation among `maps` (from [`listing_maps`]): the
+/// highest of its entries, if any lists it.
+pub(crate) fn generation_among(doc: &impl ReadDoc, maps: &[ObjId], key: &str) -> Option<u64> {
+    maps.iter()
+        .filter_map(|map| generation_in(doc, map, key))
+        .max()
+}
+
 /// The key's current generation (the highest of its entries in `rows` and
 /// in every page), if the catalog lists it.
 pub(crate) fn generation(doc: &impl ReadDoc, key: &str) -> Option<u64> {
-    let rows = rows_map(doc)?;
-    std::iter::once(rows)
-        .chain(pages(doc))
-        .filter_map(|map| generation_in(doc, &map, key))
-        .max()
+    generation_among(doc, &listing_maps(doc), key)
 }
 
 /// Every key `map` lists, with its generation.
@@ -141,16 +155,13 @@ fn entries_in(doc: &impl ReadDoc, map: &ObjId) -> impl Iterator<Item = (String, 
 
 /// Every key the catalog lists, with its generation.
 pub(crate) fn entries(doc: &impl ReadDoc) -> Vec<(String, u64)> {
-    let Some(rows) = rows_map(doc) else {
-        return Vec::new();
-    };
-    let pages = pages(doc);
-    if pages.is_empty() {
-        return entries_in(doc, &rows).collect();
+    let maps = listing_maps(doc);
+    if let [rows] = maps.as_slice() {
+        return entries_in(doc, rows).collect();
     }
     let mut all: HashMap<String, u64> = HashMap::new();
-    for map in std::iter::once(rows).chain(pages) {
-        for (key, generation) in entries_in(doc, &map) {
+    for map in &maps {
+        for (key, generation) in entries_in(doc, map) {
             let at = all.entry(key).or_insert(generation);
             *at = (*at).max(generation);
         }
