@@ -9,7 +9,8 @@
 //! `TANDEM_CRASH_CYCLES` overrides the number of cycles. On failure the
 //! store is kept under the target directory's tmp folder, together with a
 //! copy of the files exactly as the last kill left them
-//! (`store.after-kill.redb` and its commit log `store.after-kill.redb-wal`),
+//! (`store.after-kill.redb` and its commit log `store.after-kill.redb-wal`
+//! and `-wal2`),
 //! and the path is printed.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -350,10 +351,15 @@ fn verify(store: &Path, acked: &[Ack]) -> Result<StoreState, String> {
     Ok(state)
 }
 
-/// Copy the store and its commit log (`-wal`), as far as they exist.
+/// Copy the store and its commit log (`-wal`, `-wal2`), as far as they exist.
 fn keep_evidence(store: &Path, to: &Path) {
-    let wal = RedbStorage::log_path;
-    for (from, to) in [(store.to_owned(), to.to_owned()), (wal(store), wal(to))] {
+    let [wal, wal2] = RedbStorage::log_paths(store);
+    let [to_wal, to_wal2] = RedbStorage::log_paths(to);
+    for (from, to) in [
+        (store.to_owned(), to.to_owned()),
+        (wal, to_wal),
+        (wal2, to_wal2),
+    ] {
         if from.exists() {
             std::fs::copy(&from, &to).unwrap();
         }

@@ -4,7 +4,11 @@
 //! The logged writes are folded into redb later, many commits in one redb
 //! transaction (see [`super::RedbStorage`]).
 //!
-//! The file (`<store>-wal`) is a sequence of records:
+//! The log is two files, `<store>-wal` and `<store>-wal2`, used in turn:
+//! while records go into one, the other's are folded into redb on a thread
+//! of their own, so a commit never waits for a fold unless commits fill a
+//! whole file before the fold of the other one is done. Each file is a
+//! sequence of records:
 //!
 //! | bytes | field |
 //! |---|---|
@@ -18,11 +22,14 @@
 //! [`StorageKey::encode`]d.
 //!
 //! Sequence numbers increase by one per record and never restart; redb keeps
-//! the last one folded. On open the log is read from its start while each
-//! record checks out and carries the next expected number. So a torn record
-//! (a crash during its write, before its commit was acknowledged) ends the
-//! log, and so do records left from before the last fold: the file is
-//! rewritten from its start after each fold and never cleared.
+//! the last one folded. A fold always takes one file's records whole (or
+//! both files'), so the record after the last folded one, if any, starts one
+//! of the files. On open that file is read from its start while each record
+//! checks out and carries the next expected number, and then the other file
+//! if its first record carries the number after that. So a torn record (a
+//! crash during its write, before its commit was acknowledged) ends the log,
+//! and so do records left from before the last fold: a file is rewritten
+//! from its start after its records are folded, and never cleared.
 //!
 //! The file is filled with zeros before records go into it, so a commit's
 //! `fdatasync` flushes data pages only: writing into a file's existing blocks
@@ -137,6 +144,36 @@ pub(crate) fn decode_record(
     Ok(Some((writes, record.len())))
 }
 
+/// The records of the two log files (their bytes) that follow the last
+/// folded one, `folded`, in order: from the file that starts with the next
+/// record, then on into the other one if it starts with the record after.
+pub(crate) fn read_records(
+    files: [&[u8]; 2],
+    folded: u64,
+) -> Result<Vec<Vec<LoggedWrite>>, StorageError> {
+    let mut records = Vec::new();
+    let mut seq = folded + 1;
+    let mut first = None;
+    for (i, bytes) in files.iter().enumerate() {
+        if decode_record(bytes, seq)?.is_some() {
+            first = Some(i);
+            break;
+        }
+    }
+    let Some(first) = first else {
+        return Ok(records);
+    };
+    for bytes in [files[first], files[1 - first]] {
+        let mut at = 0;
+        while let Some((writes, len)) = decode_record(&bytes[at..], seq)? {
+            records.push(writes);
+            at += len;
+            seq += 1;
+        }
+    }
+    Ok(records)
+}
+
 fn take_bytes(input: &mut &[u8]) -> Option<Vec<u8>> {
     let len = u32::from_le_bytes(input.get(..4)?.try_into().ok()?) as usize;
     let bytes = input.get(4..4 + len)?.to_vec();
@@ -161,14 +198,10 @@ pub(crate) struct LogFile {
 }
 
 impl LogFile {
-    /// Open (or create) the log at `path` and read the records that follow
-    /// the last folded one, `folded`. Returns the file positioned at its
-    /// start (the caller folds the records before logging anything new).
-    pub(crate) fn open(
-        path: &Path,
-        capacity: u64,
-        folded: u64,
-    ) -> Result<(Self, Vec<Vec<LoggedWrite>>), StorageError> {
+    /// Open (or create) the log file at `path`. Returns the file positioned
+    /// at its start (the caller folds the records [`read_records`] finds
+    /// before logging anything new) and its bytes.
+    pub(crate) fn open(path: &Path, capacity: u64) -> Result<(Self, Vec<u8>), StorageError> {
         let io = |what: &str, e: std::io::Error| {
             StorageError::Backend(format!("commit log {}: {what}: {e}", path.display()))
         };
@@ -184,14 +217,6 @@ impl LogFile {
         (&file)
             .read_to_end(&mut bytes)
             .map_err(|e| io("cannot read", e))?;
-        let mut records = Vec::new();
-        let mut at = 0;
-        let mut seq = folded + 1;
-        while let Some((writes, len)) = decode_record(&bytes[at..], seq)? {
-            records.push(writes);
-            at += len;
-            seq += 1;
-        }
         let mut log = Self {
             file,
             path: path.to_owned(),
@@ -208,12 +233,21 @@ impl LogFile {
         // it is acknowledged; on every open, since a crash may have come
         // between an earlier run's creating the file and syncing this.
         sync_parent(path).map_err(|e| io("cannot sync its directory", e))?;
-        Ok((log, records))
+        Ok((log, bytes))
     }
 
     /// Whether a record of `n` bytes fits before the capacity.
     pub(crate) fn fits(&self, n: usize) -> bool {
-        self.end + n as u64 <= self.capacity.max(self.len)
+        self.end + n as u64 <= self.room()
+    }
+
+    /// Whether a record of `n` bytes fits in the file once it is rewound.
+    pub(crate) fn fits_when_empty(&self, n: usize) -> bool {
+        n as u64 <= self.room()
+    }
+
+    fn room(&self) -> u64 {
+        self.capacity.max(self.len)
     }
 
     /// Make room for a record of `n` bytes (filling the file with zeros
@@ -353,32 +387,50 @@ mod tests {
         assert!(err.to_string().contains("record 3"), "{err}");
     }
 
+    fn append(log: &mut LogFile, seq: u64) {
+        let record = encode_record(seq, &logged_writes(&batch())).unwrap();
+        log.reserve(record.len()).unwrap();
+        log.append(&record).unwrap();
+    }
+
     #[test]
     fn reopening_reads_the_records_after_the_folded_one() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s-wal");
-        let (mut log, records) = LogFile::open(&path, 1 << 20, 0).unwrap();
-        assert!(records.is_empty());
+        let [a, b] = [dir.path().join("s-wal"), dir.path().join("s-wal2")];
+        let read = |folded: u64| {
+            let (_, first) = LogFile::open(&a, 1 << 20).unwrap();
+            let (_, second) = LogFile::open(&b, 1 << 20).unwrap();
+            read_records([&first, &second], folded).unwrap().len()
+        };
+        let (mut first, bytes) = LogFile::open(&a, 1 << 20).unwrap();
+        assert!(bytes.iter().all(|&b| b == 0), "a new file is zeros");
+        let (mut second, _) = LogFile::open(&b, 1 << 20).unwrap();
+        assert_eq!(read(0), 0);
         for seq in 1..=3 {
-            let record = encode_record(seq, &logged_writes(&batch())).unwrap();
-            log.reserve(record.len()).unwrap();
-            log.append(&record).unwrap();
+            append(&mut first, seq);
         }
-        drop(log);
-        let (_, records) = LogFile::open(&path, 1 << 20, 0).unwrap();
-        assert_eq!(records.len(), 3);
-        // Once they are folded, the file's records are stale.
-        let (mut log, records) = LogFile::open(&path, 1 << 20, 3).unwrap();
-        assert!(records.is_empty());
-        // The file is rewritten from its start, and the stale records after
-        // the new one are not read back.
-        log.rewind();
-        let record = encode_record(4, &logged_writes(&batch())).unwrap();
-        log.reserve(record.len()).unwrap();
-        log.append(&record).unwrap();
-        drop(log);
-        let (_, records) = LogFile::open(&path, 1 << 20, 3).unwrap();
-        assert_eq!(records.len(), 1);
+        assert_eq!(read(0), 3);
+        // The second file goes on where the first stops, whichever file
+        // holds the record after the folded one.
+        for seq in 4..=5 {
+            append(&mut second, seq);
+        }
+        assert_eq!(read(0), 5);
+        assert_eq!(read(2), 0, "a fold takes whole files: 3 starts no file");
+        assert_eq!(read(3), 2);
+        assert_eq!(read(5), 0);
+        // The first file is rewritten from its start once folded: the
+        // stale records after the new ones are not read back, nor is the
+        // second file, whose first record is older.
+        first.rewind();
+        for seq in 6..=7 {
+            append(&mut first, seq);
+        }
+        assert_eq!(read(5), 2);
+        second.rewind();
+        append(&mut second, 8);
+        assert_eq!(read(5), 3);
+        assert_eq!(read(7), 1);
     }
 
     #[test]
@@ -386,7 +438,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s-wal");
         let capacity = INITIAL_SIZE * 3;
-        let (mut log, _) = LogFile::open(&path, capacity, 0).unwrap();
+        let (mut log, _) = LogFile::open(&path, capacity).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), INITIAL_SIZE);
         let record = vec![0u8; 100 * 1024];
         let mut appended = 0;

@@ -1,20 +1,27 @@
 //! The durable storage backend: one redb table of encoded keys to values,
 //! with a commit log in front of it.
 //!
-//! A commit is made durable by appending it to the log (`<store>-wal`, see
-//! [`super::log`]) and kept in memory until many commits are folded into the
-//! redb table in one transaction: when the log is full, when the store is
-//! dropped, on [`RedbStorage::checkpoint`], and when a store is opened with
-//! records left in its log (after a crash). Reads see the logged writes
-//! over the table.
+//! A commit is made durable by appending it to the log (`<store>-wal` and
+//! `<store>-wal2`, see [`super::log`]) and kept in memory until many commits
+//! are folded into the redb table in one transaction. Records go into one
+//! log file until it is full; then its commits are folded into redb on a
+//! thread of their own while records go into the other file. A commit waits
+//! for a fold only when it finds both files full: when commits come faster
+//! than redb takes them, when a batch is larger than a whole file, on
+//! [`RedbStorage::checkpoint`], when the store is dropped, and when it is
+//! opened with records left in its log (after a crash). Reads see the
+//! logged writes over the table.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
+use itertools::{EitherOrBoth, Itertools as _};
 use redb::{Database, ReadableDatabase, TableDefinition};
 
-use super::log::{LogFile, LoggedWrite, encode_record, logged_writes};
+use super::log::{LogFile, LoggedWrite, encode_record, logged_writes, read_records};
 use super::{Storage, StorageKey, WriteBatch, prefix_range};
 use crate::error::StorageError;
 
@@ -25,36 +32,96 @@ const LOG_STATE: TableDefinition<'static, &str, u64> = TableDefinition::new("tan
 const FOLDED: &str = "folded";
 
 /// Storage in a redb database file (`<path>`) and its commit log
-/// (`<path>-wal`). Every [`commit`](Storage::commit) is durable when it
-/// returns: written to the log and synced (`fdatasync`), or, for a batch
-/// larger than the log, written to redb in a durable transaction together
-/// with everything logged before it.
+/// (`<path>-wal` and `<path>-wal2`). Every [`commit`](Storage::commit) is
+/// durable when it returns: written to the log and synced (`fdatasync`),
+/// or, for a batch larger than a log file, written to redb in a durable
+/// transaction together with everything logged before it.
 ///
-/// The two files are one store: copy or move them together. A store that
+/// The three files are one store: copy or move them together. A store that
 /// was dropped normally has everything in the redb file and nothing the
 /// log still needs.
 #[derive(Debug)]
 pub struct RedbStorage {
-    db: Database,
+    db: Arc<Database>,
     /// `None` in memory: every commit is a redb transaction.
     log: Option<Mutex<Log>>,
 }
 
+/// Logged writes by encoded key (`None`: deleted).
+type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
 #[derive(Debug)]
 struct Log {
-    file: LogFile,
+    /// The two files; records go into `files[current]`.
+    files: [LogFile; 2],
+    current: usize,
     /// The sequence number of the next record.
     next: u64,
-    /// Writes logged since the last fold, by encoded key (`None`: deleted).
-    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Writes logged in the current file.
+    pending: Writes,
+    /// The other file's writes while they are not known to be in redb:
+    /// being folded by `worker`, or left by a fold that failed (retried
+    /// when the current file is full).
+    folding: Option<Arc<Folding>>,
+    /// The thread folding `folding` into redb.
+    worker: Option<JoinHandle<Result<(), StorageError>>>,
+    /// Why the last background fold failed, if it did.
+    fold_error: Option<String>,
     /// Set when a write to the log failed: the file's state is unknown, so
     /// no later commit may be acknowledged on top of it.
     failed: Option<String>,
 }
 
+#[derive(Debug)]
+struct Folding {
+    writes: Writes,
+    /// The sequence number of the last record among them.
+    last: u64,
+}
+
+impl Log {
+    /// The logged writes in `bounds`, in key order (`reverse`: descending);
+    /// where both maps have a key, the current file's (newer) write.
+    fn range<'a>(
+        &'a self,
+        bounds: (Bound<&'a [u8]>, Bound<&'a [u8]>),
+        reverse: bool,
+    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> + 'a {
+        let newer = self.pending.range::<[u8], _>(bounds);
+        let older = self
+            .folding
+            .iter()
+            .flat_map(move |f| f.writes.range::<[u8], _>(bounds));
+        let (newer, older): (Box<dyn Iterator<Item = _>>, Box<dyn Iterator<Item = _>>) = if reverse
+        {
+            (Box::new(newer.rev()), Box::new(older.rev()))
+        } else {
+            (Box::new(newer), Box::new(older))
+        };
+        newer
+            .merge_join_by(
+                older,
+                move |(a, _), (b, _)| {
+                    if reverse { b.cmp(a) } else { a.cmp(b) }
+                },
+            )
+            .map(|e| match e {
+                EitherOrBoth::Both(newer, _) | EitherOrBoth::Left(newer) => newer,
+                EitherOrBoth::Right(older) => older,
+            })
+    }
+
+    /// The logged write of `key`, if any.
+    fn get(&self, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        self.pending
+            .get(key)
+            .or_else(|| self.folding.as_ref().and_then(|f| f.writes.get(key)))
+    }
+}
+
 impl RedbStorage {
-    /// The log capacity [`open`](Self::open) uses: 4 MiB of commits between
-    /// two folds.
+    /// The log capacity [`open`](Self::open) uses: 4 MiB of commits in each
+    /// of the log's two files.
     pub const DEFAULT_LOG_CAPACITY: u64 = 4 * 1024 * 1024;
 
     /// Open the store at `path`, creating it (and its table) if needed, with
@@ -63,11 +130,11 @@ impl RedbStorage {
         Self::open_with_log_capacity(path, Self::DEFAULT_LOG_CAPACITY)
     }
 
-    /// Open the store at `path` with a commit log of at most `capacity`
-    /// bytes (commits are folded into redb each time it fills). `0` turns
-    /// the log off: every commit is then one durable redb transaction.
-    /// Records a previous run left in the log are folded first, whatever the
-    /// capacity.
+    /// Open the store at `path` with a commit log of two files of at most
+    /// `capacity` bytes each (the commits of one are folded into redb each
+    /// time the other fills). `0` turns the log off: every commit is then
+    /// one durable redb transaction. Records a previous run left in the log
+    /// are folded first, whatever the capacity.
     pub fn open_with_log_capacity(
         path: impl AsRef<Path>,
         capacity: u64,
@@ -91,19 +158,30 @@ impl RedbStorage {
     /// once redb has opened the store at `path` as `db` (tests open it on a
     /// backend that fails on demand).
     fn with_database(db: Database, path: &Path, capacity: u64) -> Result<Self, StorageError> {
-        let mut storage = Self { db, log: None };
+        let mut storage = Self {
+            db: Arc::new(db),
+            log: None,
+        };
         storage.ensure_table()?;
-        let log_path = Self::log_path(path);
-        if capacity == 0 && !log_path.exists() {
+        let paths = Self::log_paths(path);
+        if capacity == 0 && !paths.iter().any(|p| p.exists()) {
             return Ok(storage);
         }
         let folded = storage.folded()?;
         // The capacity fits a u32 record length.
-        let (file, records) = LogFile::open(&log_path, capacity.min(u32::MAX.into()), folded)?;
+        let capacity = capacity.min(u32::MAX.into());
+        let (first, first_bytes) = LogFile::open(&paths[0], capacity)?;
+        let (second, second_bytes) = LogFile::open(&paths[1], capacity)?;
+        let records = read_records([&first_bytes, &second_bytes], folded)?;
+        drop((first_bytes, second_bytes));
         let mut log = Log {
-            file,
+            files: [first, second],
+            current: 0,
             next: folded + 1,
             pending: BTreeMap::new(),
+            folding: None,
+            worker: None,
+            fold_error: None,
             failed: None,
         };
         if !records.is_empty() {
@@ -119,24 +197,30 @@ impl RedbStorage {
         }
         if capacity == 0 {
             drop(log);
-            std::fs::remove_file(&log_path).map_err(|e| {
-                StorageError::Backend(format!(
-                    "cannot remove the commit log {}: {e}",
-                    log_path.display()
-                ))
-            })?;
+            for path in &paths {
+                if path.exists() {
+                    std::fs::remove_file(path).map_err(|e| {
+                        StorageError::Backend(format!(
+                            "cannot remove the commit log {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                }
+            }
             return Ok(storage);
         }
         storage.log = Some(Mutex::new(log));
         Ok(storage)
     }
 
-    /// The commit log's file for the store at `path`: `<path>-wal`, beside
-    /// it.
-    pub fn log_path(path: impl AsRef<Path>) -> PathBuf {
-        let mut log_path = path.as_ref().as_os_str().to_owned();
-        log_path.push("-wal");
-        PathBuf::from(log_path)
+    /// The commit log's two files for the store at `path`: `<path>-wal` and
+    /// `<path>-wal2`, beside it.
+    pub fn log_paths(path: impl AsRef<Path>) -> [PathBuf; 2] {
+        ["-wal", "-wal2"].map(|suffix| {
+            let mut log_path = path.as_ref().as_os_str().to_owned();
+            log_path.push(suffix);
+            PathBuf::from(log_path)
+        })
     }
 
     /// Create the tables on first open, so reads never meet a missing table.
@@ -172,15 +256,18 @@ impl RedbStorage {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(backend)?;
-        let storage = Self { db, log: None };
+        let storage = Self {
+            db: Arc::new(db),
+            log: None,
+        };
         storage.ensure_table()?;
         Ok(storage)
     }
 
     /// Fold everything the commit log holds into the redb file now, in one
-    /// durable transaction. Afterwards the redb file alone holds every
-    /// commit (for example before copying it). Dropping the store does this
-    /// too.
+    /// durable transaction (after waiting for a fold under way). Afterwards
+    /// the redb file alone holds every commit (for example before copying
+    /// it). Dropping the store does this too.
     pub fn checkpoint(&self) -> Result<(), StorageError> {
         match &self.log {
             None => Ok(()),
@@ -201,26 +288,131 @@ impl RedbStorage {
         }
     }
 
-    /// Write the pending writes and then `extra` into the table in one
-    /// durable transaction that also records the last folded record, then
-    /// start the log afresh.
+    /// Take the result of the background fold if it is done (or, with
+    /// `wait`, once it is): its file is free again, or, if it failed, its
+    /// writes stay in `folding` for the next fold to retry.
+    fn reap(log: &mut Log, wait: bool) {
+        let Some(worker) = log.worker.take_if(|w| wait || w.is_finished()) else {
+            return;
+        };
+        let result = worker.join().unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Err(StorageError::Backend(format!("the fold panicked: {why}")))
+        });
+        match result {
+            Ok(()) => {
+                log.folding = None;
+                log.fold_error = None;
+                log.files[1 - log.current].rewind();
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    "folding the commit log into the store failed; its commits stay in the log, and the next fold retries"
+                );
+                log.fold_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Fold everything logged, and then `extra` (a batch that went to no
+    /// log file, with sequence number `next - 1`), into the table in one
+    /// durable transaction, after waiting for the background fold; then
+    /// start both files afresh.
     fn fold(&self, log: &mut Log, extra: &[LoggedWrite]) -> Result<(), StorageError> {
-        if log.pending.is_empty() && extra.is_empty() {
+        Self::reap(log, true);
+        if log.pending.is_empty() && log.folding.is_none() && extra.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(backend)?;
-        {
-            let mut table = txn.open_table(TABLE).map_err(backend)?;
-            write_all(&mut table, log.pending.iter())?;
-            write_all(&mut table, extra.iter().map(|(k, v)| (k, v)))?;
-            let mut state = txn.open_table(LOG_STATE).map_err(backend)?;
-            state.insert(FOLDED, log.next - 1).map_err(backend)?;
-        }
-        txn.commit().map_err(backend)?;
+        let older = log.folding.iter().flat_map(|f| f.writes.iter());
+        let writes = older
+            .chain(log.pending.iter())
+            .chain(extra.iter().map(|(k, v)| (k, v)));
+        fold_into(&self.db, writes, log.next - 1).map_err(|e| self.fold_failed(log, e))?;
         log.pending.clear();
-        log.file.rewind();
+        log.folding = None;
+        log.fold_error = None;
+        log.files.iter_mut().for_each(LogFile::rewind);
         Ok(())
     }
+
+    /// The error for a fold that failed now, naming the background fold's
+    /// failure before it, if there was one.
+    fn fold_failed(&self, log: &Log, e: StorageError) -> StorageError {
+        match &log.fold_error {
+            Some(earlier) => StorageError::Backend(format!(
+                "cannot fold the commit log into the store: {e} (the background fold failed before: {earlier})"
+            )),
+            None => e,
+        }
+    }
+
+    /// The current file is full: wait for the other file's fold (retrying
+    /// it if it failed), then fold the current file's writes on a thread of
+    /// their own and go on in the other file.
+    fn switch_files(&self, log: &mut Log) -> Result<(), StorageError> {
+        Self::reap(log, true);
+        if let Some(folding) = log.folding.clone() {
+            fold_into(&self.db, folding.writes.iter(), folding.last)
+                .map_err(|e| self.fold_failed(log, e))?;
+            log.folding = None;
+            log.fold_error = None;
+            log.files[1 - log.current].rewind();
+        }
+        let folding = Arc::new(Folding {
+            writes: std::mem::take(&mut log.pending),
+            last: log.next - 1,
+        });
+        log.folding = Some(folding.clone());
+        log.current = 1 - log.current;
+        let db = self.db.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tandem-fold".into())
+            .spawn(move || fold_into(&db, folding.writes.iter(), folding.last));
+        match spawned {
+            Ok(worker) => log.worker = Some(worker),
+            Err(e) => {
+                // No thread: fold here instead.
+                tracing::warn!(error = %e, "cannot start a fold thread; folding in the caller");
+                let folding = log.folding.clone().expect("set above");
+                fold_into(&self.db, folding.writes.iter(), folding.last)?;
+                log.folding = None;
+                log.files[1 - log.current].rewind();
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until no fold is under way (tests: a copy of the files is then
+    /// what a crash would leave).
+    #[cfg(test)]
+    fn settle(&self) {
+        if let Some(log) = &self.log {
+            Self::reap(&mut log.lock().unwrap(), true);
+        }
+    }
+}
+
+/// Write `writes` (in order: a later write of a key wins) into the table in
+/// one durable transaction that also records `last` as the last folded log
+/// record.
+fn fold_into<'a>(
+    db: &Database,
+    writes: impl IntoIterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
+    last: u64,
+) -> Result<(), StorageError> {
+    let txn = db.begin_write().map_err(backend)?;
+    {
+        let mut table = txn.open_table(TABLE).map_err(backend)?;
+        write_all(&mut table, writes)?;
+        let mut state = txn.open_table(LOG_STATE).map_err(backend)?;
+        state.insert(FOLDED, last).map_err(backend)?;
+    }
+    txn.commit().map_err(backend)
 }
 
 /// Create a new store so that a crash at any instant leaves either no file or
@@ -303,7 +495,7 @@ impl Storage for RedbStorage {
     fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>, StorageError> {
         let log = self.pending()?;
         let key = key.encode();
-        if let Some(logged) = log.as_ref().and_then(|l| l.pending.get(&key)) {
+        if let Some(logged) = log.as_ref().and_then(|l| l.get(&key)) {
             return Ok(logged.clone());
         }
         let txn = self.db.begin_read().map_err(backend)?;
@@ -318,7 +510,6 @@ impl Storage for RedbStorage {
         after: Option<&StorageKey>,
         limit: usize,
     ) -> Result<Vec<(StorageKey, Vec<u8>)>, StorageError> {
-        use std::ops::Bound;
         let (start, inclusive, end) = prefix_range(prefix, after);
         let lower = if inclusive {
             Bound::Included(start.as_slice())
@@ -327,10 +518,7 @@ impl Storage for RedbStorage {
         };
         let bounds = (lower, Bound::Excluded(end.as_slice()));
         let log = self.pending()?;
-        let mut logged = log
-            .iter()
-            .flat_map(|l| l.pending.range::<[u8], _>(bounds))
-            .peekable();
+        let mut logged = log.iter().flat_map(|l| l.range(bounds, false)).peekable();
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(TABLE).map_err(backend)?;
         let mut range = table.range::<&[u8]>(bounds).map_err(backend)?;
@@ -373,14 +561,14 @@ impl Storage for RedbStorage {
     fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
         let (start, _, end) = prefix_range(prefix, None);
         let log = self.pending()?;
-        let pending = log.as_ref().map(|l| &l.pending);
-        let logged = pending.and_then(|p| {
-            p.range::<[u8], _>((
-                std::ops::Bound::Included(start.as_slice()),
-                std::ops::Bound::Excluded(end.as_slice()),
-            ))
-            .rev()
-            .find_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+        let log = log.as_deref();
+        let bounds = (
+            Bound::Included(start.as_slice()),
+            Bound::Excluded(end.as_slice()),
+        );
+        let logged = log.and_then(|l| {
+            l.range(bounds, true)
+                .find_map(|(k, v)| v.as_ref().map(|v| (k, v)))
         });
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(TABLE).map_err(backend)?;
@@ -391,7 +579,7 @@ impl Storage for RedbStorage {
         for item in range.rev() {
             let (k, v) = item.map_err(backend)?;
             // A key the log wrote is the log's to answer for.
-            if pending.is_some_and(|p| p.contains_key(k.value())) {
+            if log.is_some_and(|l| l.get(k.value()).is_some()) {
                 continue;
             }
             stored = Some((k.value().to_vec(), v.value().to_vec()));
@@ -425,22 +613,26 @@ impl Storage for RedbStorage {
             return Ok(());
         }
         let mut log = self.lock(log)?;
+        Self::reap(&mut log, false);
         let record = encode_record(log.next, &writes)?;
-        if !log.file.fits(record.len()) {
-            // Full (or a batch larger than the whole log): the batch goes
-            // to redb with everything logged before it, in one durable
-            // transaction.
-            log.next += 1;
-            if let Err(e) = self.fold(&mut log, &writes) {
-                log.next -= 1;
-                return Err(e);
+        if !log.files[log.current].fits(record.len()) {
+            if !log.files[1 - log.current].fits_when_empty(record.len()) {
+                // Larger than a whole log file: the batch goes to redb with
+                // everything logged before it, in one durable transaction.
+                log.next += 1;
+                if let Err(e) = self.fold(&mut log, &writes) {
+                    log.next -= 1;
+                    return Err(e);
+                }
+                return Ok(());
             }
-            return Ok(());
+            self.switch_files(&mut log)?;
         }
         // Growing the file (zeros, then a sync) touches no record yet: a
         // failure there refuses this commit only.
-        log.file.reserve(record.len())?;
-        if let Err(e) = log.file.append(&record) {
+        let current = log.current;
+        log.files[current].reserve(record.len())?;
+        if let Err(e) = log.files[current].append(&record) {
             log.failed = Some(e.to_string());
             return Err(e);
         }
@@ -476,6 +668,7 @@ mod tests {
         let off = RedbStorage::open_with_log_capacity(dir.path().join("off.redb"), 0).unwrap();
         super::super::contract::check(&off);
         assert!(!dir.path().join("off.redb-wal").exists());
+        assert!(!dir.path().join("off.redb-wal2").exists());
         let tiny = RedbStorage::open_with_log_capacity(dir.path().join("tiny.redb"), 120).unwrap();
         super::super::contract::check(&tiny);
     }
@@ -485,11 +678,22 @@ mod tests {
     }
 
     /// The files as a crash at this instant would leave them: copied while
-    /// the store is open (what the store wrote is in the page cache, so the
-    /// copy holds it, as the disk would after a kill).
-    fn crash_copy(from: &Path, to: &Path) {
+    /// `store`, open at `from`, is between two commits and folds nothing
+    /// (what it wrote is in the page cache, so the copy holds it, as the
+    /// disk would after a kill).
+    fn crash_copy(store: &RedbStorage, from: &Path, to: &Path) {
+        store.settle();
         std::fs::copy(from, to).unwrap();
-        std::fs::copy(RedbStorage::log_path(from), RedbStorage::log_path(to)).unwrap();
+        for (from, to) in RedbStorage::log_paths(from)
+            .iter()
+            .zip(RedbStorage::log_paths(to))
+        {
+            std::fs::copy(from, to).unwrap();
+        }
+    }
+
+    fn no_log_files(path: &Path) -> bool {
+        RedbStorage::log_paths(path).iter().all(|p| !p.exists())
     }
 
     #[test]
@@ -515,11 +719,12 @@ mod tests {
             }
         }
         assert!(logged(&s) > 0, "the last commits are in the log only");
+        s.settle();
         assert!(s.folded().unwrap() > 100, "earlier ones were folded");
         let expect = s
             .scan(&StorageKey::new(["d"]).unwrap(), None, usize::MAX)
             .unwrap();
-        crash_copy(&path, &copy);
+        crash_copy(&s, &path, &copy);
 
         let reopened = RedbStorage::open(&copy).unwrap();
         let prefix = StorageKey::new(["d"]).unwrap();
@@ -538,16 +743,18 @@ mod tests {
         assert_eq!(reopened.folded().unwrap(), commits);
         drop(reopened);
         // A store that was dropped needs no log.
-        std::fs::remove_file(RedbStorage::log_path(&copy)).unwrap();
+        for path in RedbStorage::log_paths(&copy) {
+            std::fs::remove_file(path).unwrap();
+        }
         let reopened = RedbStorage::open_with_log_capacity(&copy, 0).unwrap();
         assert_eq!(reopened.scan(&prefix, None, usize::MAX).unwrap(), expect);
 
         // A crash copy opened without a log folds it, then removes it.
         let second = dir.path().join("second.redb");
-        crash_copy(&path, &second);
+        crash_copy(&s, &path, &second);
         let reopened = RedbStorage::open_with_log_capacity(&second, 0).unwrap();
         assert_eq!(reopened.scan(&prefix, None, usize::MAX).unwrap(), expect);
-        assert!(!dir.path().join("second.redb-wal").exists());
+        assert!(no_log_files(&second));
     }
 
     #[test]
@@ -561,9 +768,9 @@ mod tests {
             b.put(key(i), vec![i; 10]);
             s.commit(&b).unwrap();
         }
-        crash_copy(&path, &copy);
+        crash_copy(&s, &path, &copy);
         // Tear the third record: its commit was never acknowledged.
-        let wal = RedbStorage::log_path(&copy);
+        let [wal, _] = RedbStorage::log_paths(&copy);
         let mut bytes = std::fs::read(&wal).unwrap();
         let mut b = WriteBatch::new();
         b.put(key(2), vec![2; 10]);
@@ -583,7 +790,7 @@ mod tests {
         b.put(key(9), b"after".to_vec());
         reopened.commit(&b).unwrap();
         let again = dir.path().join("again.redb");
-        crash_copy(&copy, &again);
+        crash_copy(&reopened, &copy, &again);
         let reopened = RedbStorage::open(&again).unwrap();
         assert_eq!(reopened.get(&key(9)).unwrap(), Some(b"after".to_vec()));
         assert_eq!(reopened.get(&key(1)).unwrap(), Some(vec![1; 10]));
@@ -601,16 +808,16 @@ mod tests {
             b
         };
         s.commit(&put(1)).unwrap();
-        s.log.as_ref().unwrap().lock().unwrap().file.fail_writes = true;
+        s.log.as_ref().unwrap().lock().unwrap().files[0].fail_writes = true;
         let err = s.commit(&put(2)).unwrap_err();
         assert!(err.to_string().contains("injected failure"), "{err}");
         // The disk is fine again, but what the failed write left is unknown:
         // nothing more is acknowledged on top of it.
-        s.log.as_ref().unwrap().lock().unwrap().file.fail_writes = false;
+        s.log.as_ref().unwrap().lock().unwrap().files[0].fail_writes = false;
         let err = s.commit(&put(3)).unwrap_err();
         assert!(err.to_string().contains("reopen the store"), "{err}");
         assert!(s.checkpoint().is_err());
-        crash_copy(&path, &copy);
+        crash_copy(&s, &path, &copy);
         drop(s);
         // Reopening recovers every acknowledged commit, and works on.
         let reopened = RedbStorage::open(&copy).unwrap();
@@ -683,8 +890,9 @@ mod tests {
         };
         s.commit(&put(0)).unwrap();
         s.checkpoint().unwrap();
-        // redb now fails: commits go on into the log until it is full, and
-        // the one that needs a fold is refused.
+        // redb now fails: commits go on into the log until both files are
+        // full (the fold of the first fails on its thread), and the one
+        // that needs a fold is refused.
         fail.store(true, Ordering::SeqCst);
         let mut acknowledged = vec![0];
         let refused = (1..50)
@@ -698,8 +906,23 @@ mod tests {
                     true
                 }
             })
-            .expect("a 1 KiB log fills within 50 commits of 100 bytes");
-        assert!(acknowledged.len() > 2, "{acknowledged:?}");
+            .expect("two 1 KiB log files fill within 50 commits of 100 bytes");
+        {
+            let log = s.log.as_ref().unwrap().lock().unwrap();
+            let earlier = log
+                .fold_error
+                .as_deref()
+                .expect("the background fold failed");
+            assert!(earlier.contains("injected redb failure"), "{earlier}");
+            let folding = log.folding.as_ref().expect("its writes are kept");
+            // Acknowledged commits in both files: the first file's (kept
+            // from the failed fold) and the second's.
+            assert!(folding.writes.len() > 2 && log.pending.len() > 2);
+            assert_eq!(
+                folding.writes.len() + log.pending.len() + 1,
+                acknowledged.len()
+            );
+        }
         for &i in &acknowledged {
             assert_eq!(s.get(&key(i)).unwrap(), Some(vec![i; 100]));
         }
@@ -719,7 +942,7 @@ mod tests {
         assert_eq!(s.get(&key(0)).unwrap(), Some(vec![0; 100]));
         // A crash now: the log holds every acknowledged commit, and the next
         // open folds them.
-        crash_copy(&path, &copy);
+        crash_copy(&s, &path, &copy);
         drop(s);
         let reopened = RedbStorage::open(&copy).unwrap();
         for &i in &acknowledged {
@@ -733,7 +956,7 @@ mod tests {
             reopened.get(&key(refused)).unwrap(),
             Some(vec![refused; 100])
         );
-        assert!(!RedbStorage::log_path(&copy).exists());
+        assert!(no_log_files(&copy));
     }
 
     proptest::proptest! {
