@@ -827,15 +827,44 @@ mod tests {
         assert_eq!(reopened.get(&key(3)).unwrap(), Some(vec![3; 10]));
     }
 
-    /// redb's file, failing every write and sync while `fail` is set.
+    /// redb's file, failing every write and sync while `fail` is set, and
+    /// holding them (blocked) while `held` is.
     #[derive(Debug)]
     struct Flaky {
         file: redb::backends::FileBackend,
         fail: Arc<AtomicBool>,
+        held: Arc<Hold>,
+    }
+
+    /// A gate for redb's writes: closed, they wait until it opens.
+    #[derive(Debug, Default)]
+    struct Hold {
+        closed: std::sync::Mutex<bool>,
+        opened: std::sync::Condvar,
+        /// Writes that found the gate closed.
+        waited: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Hold {
+        fn set(&self, closed: bool) {
+            *self.closed.lock().unwrap() = closed;
+            self.opened.notify_all();
+        }
+
+        fn pass(&self) {
+            let mut closed = self.closed.lock().unwrap();
+            if *closed {
+                self.waited.fetch_add(1, Ordering::SeqCst);
+            }
+            while *closed {
+                closed = self.opened.wait(closed).unwrap();
+            }
+        }
     }
 
     impl Flaky {
         fn check(&self) -> std::io::Result<()> {
+            self.held.pass();
             if self.fail.load(Ordering::SeqCst) {
                 return Err(std::io::Error::other("injected redb failure"));
             }
@@ -864,30 +893,107 @@ mod tests {
         }
     }
 
+    /// A store at `path` with two log files of `capacity` bytes, on a redb
+    /// backend that fails or holds its writes on demand.
+    fn flaky_store(path: &Path, capacity: u64) -> (RedbStorage, Arc<AtomicBool>, Arc<Hold>) {
+        // Created without a log, so the one opened below has `capacity`.
+        drop(RedbStorage::open_with_log_capacity(path, 0).unwrap());
+        let fail = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Hold::default());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let backend = Flaky {
+            file: redb::backends::FileBackend::new(file).unwrap(),
+            fail: fail.clone(),
+            held: held.clone(),
+        };
+        let db = Database::builder().create_with_backend(backend).unwrap();
+        let s = RedbStorage::with_database(db, path, capacity).unwrap();
+        (s, fail, held)
+    }
+
+    fn put100(i: u8) -> WriteBatch {
+        let mut b = WriteBatch::new();
+        b.put(key(i), vec![i; 100]);
+        b
+    }
+
+    #[test]
+    fn commits_go_on_while_a_fold_is_held_and_a_crash_then_loses_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let copy = dir.path().join("copy.redb");
+        let (s, _, held) = flaky_store(&path, 1024);
+        let s = Arc::new(s);
+        s.commit(&put100(0)).unwrap();
+        s.checkpoint().unwrap();
+        let folded = s.folded().unwrap();
+        // redb's writes now block: the first file's fold starts and hangs
+        // in redb, and commits go on into the second file without waiting
+        // for it (on a thread, so that a commit that waited shows as a
+        // timeout, not a hung test).
+        held.set(true);
+        let (done, acknowledged) = std::sync::mpsc::channel();
+        let writer = s.clone();
+        std::thread::spawn(move || {
+            for i in 1..=14u8 {
+                writer.commit(&put100(i)).unwrap();
+                done.send(i).unwrap();
+            }
+        });
+        let mut last = 0;
+        while last < 14 {
+            last = acknowledged
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("commit {} waited for the held fold", last + 1));
+        }
+        assert!(held.waited.load(Ordering::SeqCst) > 0, "a fold is held");
+        {
+            let log = s.log.as_ref().unwrap().lock().unwrap();
+            assert!(log.worker.is_some() && log.folding.is_some());
+            assert!(log.pending.len() > 2, "the second file has commits");
+        }
+        // Reads see every commit, the held fold's under the newer ones.
+        for i in 0..=14u8 {
+            assert_eq!(s.get(&key(i)).unwrap(), Some(vec![i; 100]));
+        }
+        let prefix = StorageKey::new(["d"]).unwrap();
+        assert_eq!(s.scan(&prefix, None, usize::MAX).unwrap().len(), 15);
+        assert_eq!(s.last(&prefix).unwrap().unwrap().0, key(14));
+        assert_eq!(s.folded().unwrap(), folded, "nothing folded yet");
+        // A crash now (redb has written nothing of the held fold): the
+        // records are in both files, and reopening reads on from the first
+        // into the second.
+        std::fs::copy(&path, &copy).unwrap();
+        for (from, to) in RedbStorage::log_paths(&path)
+            .iter()
+            .zip(RedbStorage::log_paths(&copy))
+        {
+            std::fs::copy(from, to).unwrap();
+        }
+        let reopened = RedbStorage::open(&copy).unwrap();
+        for i in 0..=14u8 {
+            assert_eq!(reopened.get(&key(i)).unwrap(), Some(vec![i; 100]));
+        }
+        assert_eq!(reopened.folded().unwrap(), folded + 14);
+        drop(reopened);
+        // Released, the fold completes and a checkpoint folds the rest.
+        held.set(false);
+        s.checkpoint().unwrap();
+        assert_eq!(s.folded().unwrap(), folded + 14);
+        assert_eq!(s.scan(&prefix, None, usize::MAX).unwrap().len(), 15);
+    }
+
     #[test]
     fn a_failed_fold_refuses_that_commit_only_and_loses_no_logged_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         let copy = dir.path().join("copy.redb");
-        // Created without a log, so the one opened below is 1 KiB.
-        drop(RedbStorage::open_with_log_capacity(&path, 0).unwrap());
-        let fail = Arc::new(AtomicBool::new(false));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let backend = Flaky {
-            file: redb::backends::FileBackend::new(file).unwrap(),
-            fail: fail.clone(),
-        };
-        let db = Database::builder().create_with_backend(backend).unwrap();
-        let s = RedbStorage::with_database(db, &path, 1024).unwrap();
-        let put = |i: u8| {
-            let mut b = WriteBatch::new();
-            b.put(key(i), vec![i; 100]);
-            b
-        };
+        let (s, fail, _) = flaky_store(&path, 1024);
+        let put = put100;
         s.commit(&put(0)).unwrap();
         s.checkpoint().unwrap();
         // redb now fails: commits go on into the log until both files are
