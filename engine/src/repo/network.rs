@@ -395,7 +395,21 @@ impl<S: Storage> Repo<S> {
             let conn = self.conns.get_mut(&cid).expect("ready connection");
             conn.docs.insert(doc, PeerDoc::new(access, sync));
         }
-        if !self.docs.exists(&doc)? {
+        // One lookup finds (and loads) the document if it is here at all.
+        let found = match self.docs.get(&doc) {
+            Ok(found) => found.is_some(),
+            Err(RepoError::CorruptDocument { reason, .. }) => {
+                tracing::error!(document = %doc, %reason, "stored document does not load");
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            Err(RepoError::Quarantined { .. }) => {
+                self.doc_unavailable(cid, peer, doc);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if !found {
             if self.purge_marker(&doc)?.is_some() {
                 // A peer that has any history of it is offering updates.
                 if !message.heads.is_empty() || !message.changes.is_empty() {
@@ -418,22 +432,10 @@ impl<S: Storage> Repo<S> {
             // Neither stored nor purged: checked just above.
             self.insert_empty(doc);
         }
-        let loaded = match self.docs.get(&doc) {
-            Ok(Some(l)) => l,
-            Ok(None) => {
-                self.doc_unavailable(cid, peer, doc);
-                return Ok(());
-            }
-            Err(RepoError::CorruptDocument { reason, .. }) => {
-                tracing::error!(document = %doc, %reason, "stored document does not load");
-                self.doc_unavailable(cid, peer, doc);
-                return Ok(());
-            }
-            Err(RepoError::Quarantined { .. }) => {
-                self.doc_unavailable(cid, peer, doc);
-                return Ok(());
-            }
-            Err(e) => return Err(e),
+        // In memory now: found (and loaded) or inserted above.
+        let Some(loaded) = self.docs.get(&doc)? else {
+            self.doc_unavailable(cid, peer, doc);
+            return Ok(());
         };
         // A request for a document we only know as an empty placeholder.
         if is_request && loaded.doc.get_heads().is_empty() {
