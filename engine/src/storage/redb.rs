@@ -683,6 +683,11 @@ mod tests {
     /// disk would after a kill).
     fn crash_copy(store: &RedbStorage, from: &Path, to: &Path) {
         store.settle();
+        copy_files(from, to);
+    }
+
+    /// Copy the store at `from` (its redb file and both log files) to `to`.
+    fn copy_files(from: &Path, to: &Path) {
         std::fs::copy(from, to).unwrap();
         for (from, to) in RedbStorage::log_paths(from)
             .iter()
@@ -967,13 +972,7 @@ mod tests {
         // A crash now (redb has written nothing of the held fold): the
         // records are in both files, and reopening reads on from the first
         // into the second.
-        std::fs::copy(&path, &copy).unwrap();
-        for (from, to) in RedbStorage::log_paths(&path)
-            .iter()
-            .zip(RedbStorage::log_paths(&copy))
-        {
-            std::fs::copy(from, to).unwrap();
-        }
+        copy_files(&path, &copy);
         let reopened = RedbStorage::open(&copy).unwrap();
         for i in 0..=14u8 {
             assert_eq!(reopened.get(&key(i)).unwrap(), Some(vec![i; 100]));
