@@ -583,6 +583,128 @@ fn catchup(dir: &Path, n: usize) {
         first.bytes.0 + first.bytes.1 + second.bytes.0 + second.bytes.1,
         complete(&mut fresh),
     );
+
+    // The same, with each side on a thread of its own, as a replica and a
+    // server in two processes would run (the in-process run above adds the
+    // two sides' times on one thread).
+    let mut fresh = rows_at(&dir.join("threads.redb"));
+    let started = Instant::now();
+    fresh.subscribe(TABLE).unwrap();
+    let first = sync_on_two_threads(fresh.repo_mut(), server.repo_mut());
+    fresh.discover(TABLE).unwrap();
+    let second = sync_on_two_threads(fresh.repo_mut(), server.repo_mut());
+    let time = started.elapsed();
+    println!(
+        "  (two threads: {} frames, {:.2} MB to the full store and {:.2} MB from it)",
+        first.frames[0] + first.frames[1] + second.frames[0] + second.frames[1],
+        mb(first.bytes[0] + second.bytes[0]),
+        mb(first.bytes[1] + second.bytes[1]),
+    );
+    report(
+        "the same, replica and server on two threads",
+        time,
+        first.bytes.iter().sum::<usize>() + second.bytes.iter().sum::<usize>(),
+        complete(&mut fresh),
+    );
+}
+
+/// Frames and bytes each side of [`sync_on_two_threads`] sent (`[0]`: the
+/// first repo's).
+#[derive(Default)]
+struct Sent {
+    frames: [usize; 2],
+    bytes: [usize; 2],
+}
+
+/// Connect `a` (outgoing) and `b` (incoming) and run each on a thread of its
+/// own, frames crossing over channels, until neither has anything in
+/// flight: as a replica and a server in two processes would. Each side
+/// handles up to 1,000 frames that have arrived, flushes (which stores what
+/// came and answers it) and sends what that produced, as a network driver
+/// does; then both disconnect and flush.
+fn sync_on_two_threads<A: Storage + Send, B: Storage + Send>(
+    a: &mut Repo<A>,
+    b: &mut Repo<B>,
+) -> Sent {
+    use std::sync::Barrier;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+    use tandem_engine::{ConnectionId, Direction, Output};
+
+    /// Send what `repo` has for `conn`, counting each frame in flight
+    /// before it leaves.
+    fn send<S: Storage>(
+        repo: &mut Repo<S>,
+        conn: ConnectionId,
+        to: &Sender<Vec<u8>>,
+        in_flight: &AtomicUsize,
+        sent: &mut (usize, usize),
+    ) {
+        while let Some(out) = repo.poll_output() {
+            if let Output::Send { connection, frame } = out
+                && connection == conn
+            {
+                sent.0 += 1;
+                sent.1 += frame.len();
+                in_flight.fetch_add(1, Ordering::SeqCst);
+                to.send(frame).unwrap();
+            }
+        }
+    }
+
+    fn side<S: Storage>(
+        repo: &mut Repo<S>,
+        direction: Direction,
+        from: Receiver<Vec<u8>>,
+        to: Sender<Vec<u8>>,
+        in_flight: &AtomicUsize,
+        ready: &Barrier,
+    ) -> (usize, usize) {
+        let mut sent = (0, 0);
+        let conn = repo.fresh_connection_id();
+        repo.connect(conn, direction).unwrap();
+        repo.flush().unwrap();
+        send(repo, conn, &to, in_flight, &mut sent);
+        ready.wait();
+        loop {
+            match from.recv_timeout(Duration::from_millis(1)) {
+                Ok(frame) => {
+                    let mut batch = vec![frame];
+                    batch.extend(from.try_iter().take(999));
+                    for frame in &batch {
+                        repo.receive(0, conn, frame).unwrap();
+                    }
+                    repo.flush().unwrap();
+                    // Answers count as in flight before what they answer
+                    // stops counting: the count reaches 0 only when both
+                    // sides are done.
+                    send(repo, conn, &to, in_flight, &mut sent);
+                    in_flight.fetch_sub(batch.len(), Ordering::SeqCst);
+                }
+                Err(RecvTimeoutError::Timeout) if in_flight.load(Ordering::SeqCst) == 0 => break,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        repo.disconnect(conn);
+        repo.flush().unwrap();
+        while repo.poll_output().is_some() {}
+        sent
+    }
+
+    let (to_b, from_a) = channel();
+    let (to_a, from_b) = channel();
+    let in_flight = AtomicUsize::new(0);
+    let ready = Barrier::new(2);
+    let (sa, sb) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| side(b, Direction::Incoming, from_a, to_a, &in_flight, &ready));
+        let mine = side(a, Direction::Outgoing, from_b, to_b, &in_flight, &ready);
+        (mine, other.join().unwrap())
+    });
+    Sent {
+        frames: [sa.0, sb.0],
+        bytes: [sa.1, sb.1],
+    }
 }
 
 /// An experiment, not a comparison with a target (run it with
