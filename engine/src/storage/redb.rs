@@ -644,6 +644,11 @@ impl Storage for RedbStorage {
 
 impl Drop for RedbStorage {
     fn drop(&mut self) {
+        // Whatever else failed, no fold thread outlives the store (it holds
+        // the database open).
+        if let Some(log) = &self.log {
+            Self::reap(&mut log.lock().unwrap_or_else(|e| e.into_inner()), true);
+        }
         if let Err(e) = self.checkpoint() {
             tracing::warn!(
                 error = %e,
