@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use itertools::{EitherOrBoth, Itertools as _};
+use itertools::{Either, EitherOrBoth, Itertools as _};
 use redb::{Database, ReadableDatabase, TableDefinition};
 
 use super::log::{LogFile, LoggedWrite, encode_record, logged_writes, read_records};
@@ -92,11 +92,10 @@ impl Log {
             .folding
             .iter()
             .flat_map(move |f| f.writes.range::<[u8], _>(bounds));
-        let (newer, older): (Box<dyn Iterator<Item = _>>, Box<dyn Iterator<Item = _>>) = if reverse
-        {
-            (Box::new(newer.rev()), Box::new(older.rev()))
+        let (newer, older) = if reverse {
+            (Either::Left(newer.rev()), Either::Left(older.rev()))
         } else {
-            (Box::new(newer), Box::new(older))
+            (Either::Right(newer), Either::Right(older))
         };
         newer
             .merge_join_by(
@@ -109,6 +108,13 @@ impl Log {
                 EitherOrBoth::Both(newer, _) | EitherOrBoth::Left(newer) => newer,
                 EitherOrBoth::Right(older) => older,
             })
+    }
+
+    /// The other file's writes are in redb: it is free again.
+    fn other_folded(&mut self) {
+        self.folding = None;
+        self.fold_error = None;
+        self.files[1 - self.current].rewind();
     }
 
     /// The logged write of `key`, if any.
@@ -304,11 +310,7 @@ impl RedbStorage {
             Err(StorageError::Backend(format!("the fold panicked: {why}")))
         });
         match result {
-            Ok(()) => {
-                log.folding = None;
-                log.fold_error = None;
-                log.files[1 - log.current].rewind();
-            }
+            Ok(()) => log.other_folded(),
             Err(e) => {
                 tracing::error!(
                     error = %e,
@@ -356,13 +358,7 @@ impl RedbStorage {
     /// their own and go on in the other file.
     fn switch_files(&self, log: &mut Log) -> Result<(), StorageError> {
         Self::reap(log, true);
-        if let Some(folding) = log.folding.clone() {
-            fold_into(&self.db, folding.writes.iter(), folding.last)
-                .map_err(|e| self.fold_failed(log, e))?;
-            log.folding = None;
-            log.fold_error = None;
-            log.files[1 - log.current].rewind();
-        }
+        self.fold_other_here(log)?;
         let folding = Arc::new(Folding {
             writes: std::mem::take(&mut log.pending),
             last: log.next - 1,
@@ -378,11 +374,19 @@ impl RedbStorage {
             Err(e) => {
                 // No thread: fold here instead.
                 tracing::warn!(error = %e, "cannot start a fold thread; folding in the caller");
-                let folding = log.folding.clone().expect("set above");
-                fold_into(&self.db, folding.writes.iter(), folding.last)?;
-                log.folding = None;
-                log.files[1 - log.current].rewind();
+                self.fold_other_here(log)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Fold the other file's writes (`folding`, if any: a fold that failed,
+    /// or one no thread could take) in the caller, and free that file.
+    fn fold_other_here(&self, log: &mut Log) -> Result<(), StorageError> {
+        if let Some(folding) = log.folding.clone() {
+            fold_into(&self.db, folding.writes.iter(), folding.last)
+                .map_err(|e| self.fold_failed(log, e))?;
+            log.other_folded();
         }
         Ok(())
     }
