@@ -153,25 +153,30 @@ pub(crate) fn read_records(
 ) -> Result<Vec<Vec<LoggedWrite>>, StorageError> {
     let mut records = Vec::new();
     let mut seq = folded + 1;
-    let mut first = None;
     for (i, bytes) in files.iter().enumerate() {
-        if decode_record(bytes, seq)?.is_some() {
-            first = Some(i);
+        read_file(bytes, &mut seq, &mut records)?;
+        if !records.is_empty() {
+            read_file(files[1 - i], &mut seq, &mut records)?;
             break;
         }
     }
-    let Some(first) = first else {
-        return Ok(records);
-    };
-    for bytes in [files[first], files[1 - first]] {
-        let mut at = 0;
-        while let Some((writes, len)) = decode_record(&bytes[at..], seq)? {
-            records.push(writes);
-            at += len;
-            seq += 1;
-        }
-    }
     Ok(records)
+}
+
+/// The records at the start of `bytes` numbered from `seq` on, into
+/// `records` (`seq` ends past the last one read).
+fn read_file(
+    bytes: &[u8],
+    seq: &mut u64,
+    records: &mut Vec<Vec<LoggedWrite>>,
+) -> Result<(), StorageError> {
+    let mut at = 0;
+    while let Some((writes, len)) = decode_record(&bytes[at..], *seq)? {
+        records.push(writes);
+        at += len;
+        *seq += 1;
+    }
+    Ok(())
 }
 
 fn take_bytes(input: &mut &[u8]) -> Option<Vec<u8>> {
