@@ -876,6 +876,15 @@ mod tests {
         }
     }
 
+    /// Opens the gate when dropped.
+    struct Release(Arc<Hold>);
+
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.set(false);
+        }
+    }
+
     impl Flaky {
         fn check(&self) -> std::io::Result<()> {
             self.held.pass();
@@ -942,6 +951,9 @@ mod tests {
         let copy = dir.path().join("copy.redb");
         let (s, _, held) = flaky_store(&path, 1024);
         let s = Arc::new(s);
+        // Dropped before `s`: if an assertion fails while the fold is held,
+        // the store's drop (which waits for the fold) must not hang the test.
+        let _release = Release(held.clone());
         s.commit(&put100(0)).unwrap();
         s.checkpoint().unwrap();
         let folded = s.folded().unwrap();
