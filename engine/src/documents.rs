@@ -9,6 +9,7 @@ use automerge::{ActorId, AutoCommit, ChangeHash};
 use sha2::{Digest, Sha256};
 
 use crate::DocumentId;
+use crate::chunk;
 use crate::error::{RepoError, StorageError};
 use crate::storage::{Storage, StorageKey, WriteBatch};
 
@@ -52,6 +53,12 @@ struct Unloaded {
     heads: Vec<ChangeHash>,
     /// One document chunk (stored as a snapshot), or change chunks.
     snapshot: bool,
+}
+
+/// A document's stored bytes, whole, and the heads they load as.
+pub(crate) struct StoredWhole {
+    pub(crate) heads: Vec<ChangeHash>,
+    pub(crate) bytes: Vec<u8>,
 }
 
 /// What a flush wrote for one document, applied to memory once durable.
@@ -273,6 +280,31 @@ impl<S: Storage> Documents<S> {
             out.extend_from_slice(&chunk);
         }
         Ok(Some(out))
+    }
+
+    /// The stored bytes of a document that is not in memory, with the heads
+    /// their chunk headers name, if they are one saved document or a whole
+    /// history of change chunks with intact checksums, and name some heads;
+    /// `None` for anything else (see [`chunk::saved_header`]).
+    pub(crate) fn stored_whole(
+        &self,
+        id: &DocumentId,
+    ) -> Result<Option<StoredWhole>, StorageError> {
+        if self.loaded.contains_key(id)
+            || self.unloaded.contains_key(id)
+            || self.quarantined.contains_key(id)
+        {
+            return Ok(None);
+        }
+        let Some(bytes) = self.stored_bytes(id)? else {
+            return Ok(None);
+        };
+        Ok(chunk::saved_header(&bytes)
+            .filter(|h| !h.heads.is_empty())
+            .map(|h| StoredWhole {
+                heads: h.heads,
+                bytes,
+            }))
     }
 
     /// Add a new, empty document that is not in storage yet. It is pinned

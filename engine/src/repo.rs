@@ -15,6 +15,7 @@
 mod connection;
 mod network;
 mod receive;
+mod stored;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -968,6 +969,39 @@ impl<S: Storage> Repo<S> {
                 && self.now.saturating_sub(pd.last_sent) < timeout
             {
                 held.push((cid, id));
+                continue;
+            }
+            // A document not in memory and stored whole: what to send is
+            // often decided from its stored bytes, without loading it.
+            let decided = match self.docs.stored_whole(&id) {
+                Ok(Some(whole)) => stored::generate(&mut pd.sync, &whole.heads, &whole.bytes)
+                    .map(|answer| answer.map(|message| (whole.heads, message))),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(document = %id, error = %e, "cannot read document to sync");
+                    continue;
+                }
+            };
+            if let Some(answer) = decided {
+                if let Some((heads, message)) = answer {
+                    if window > 0 {
+                        if pd.in_flight.len() >= window {
+                            pd.in_flight.pop_front();
+                        }
+                        pd.in_flight.push_back(heads);
+                        pd.last_sent = self.now;
+                    }
+                    let frame = Message::Sync {
+                        sender_id: self.config.peer_id.clone(),
+                        target_id: peer.peer_id.clone(),
+                        document_id: id,
+                        data: message.encode(),
+                    };
+                    self.outputs.push_back(Output::Send {
+                        connection: cid,
+                        frame: frame.encode(),
+                    });
+                }
                 continue;
             }
             let loaded = match self.docs.get(&id) {

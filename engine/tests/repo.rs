@@ -466,6 +466,58 @@ fn a_large_in_process_sync_stores_as_it_goes() {
     }
 }
 
+/// A new replica catches up on documents the server has stored whole and not
+/// in memory without the server loading them: it answers the requests with
+/// the stored bytes and takes in the acknowledgements from their heads. A
+/// document stored as a snapshot and an increment is loaded as before. Changes
+/// go on syncing both ways afterwards.
+#[test]
+fn a_new_replica_catches_up_without_the_server_loading_stored_documents() {
+    let storage = Arc::new(MemoryStorage::new());
+    let mut server = Repo::open(storage.clone(), config("server"), ServeOnRequest).unwrap();
+    let docs: Vec<DocumentId> = (0..40)
+        .map(|i| {
+            let doc = server.create().unwrap();
+            // Some documents hold several changes.
+            for k in 0..=(i % 3) {
+                put(&mut server, &doc, &format!("k{k}"), i);
+            }
+            doc
+        })
+        .collect();
+    server.flush().unwrap();
+    // The last one grows by an increment after its snapshot.
+    put(&mut server, &docs[39], "later", 1);
+    server.flush().unwrap();
+    drop(server);
+
+    let mut server = Repo::open(storage, config("server"), ServeOnRequest).unwrap();
+    let mut fresh = client("fresh");
+    for doc in &docs {
+        fresh.request(*doc).unwrap();
+    }
+    sync_in_process(&mut fresh, &mut server, 50).unwrap();
+    assert_eq!(
+        server.loaded_documents(),
+        1,
+        "the server loaded documents it could answer from storage"
+    );
+    assert!(server.is_loaded(&docs[39]));
+    for (i, doc) in docs.iter().enumerate() {
+        for k in 0..=(i % 3) {
+            assert_eq!(get(&mut fresh, doc, &format!("k{k}")), Some(i as i64));
+        }
+    }
+    assert_eq!(get(&mut fresh, &docs[39], "later"), Some(1));
+
+    // Changes still flow both ways, and nothing more is sent once in step.
+    put(&mut server, &docs[0], "from-server", 1);
+    put(&mut fresh, &docs[1], "from-fresh", 2);
+    sync_in_process(&mut fresh, &mut server, 50).unwrap();
+    assert_eq!(get(&mut fresh, &docs[0], "from-server"), Some(1));
+    assert_eq!(get(&mut server, &docs[1], "from-fresh"), Some(2));
+}
+
 /// A replica that requests a document it has nothing of receives it whole
 /// (automerge's sync sends a saved document then) and stores those bytes as
 /// they came: a document chunk, not the changes encoded again.

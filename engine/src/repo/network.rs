@@ -18,6 +18,14 @@ use crate::protocol::{Message, PROTOCOL_VERSION, PeerMetadata, RemoteHeads};
 use crate::storage::{Storage, WriteBatch};
 use crate::{ConnectionId, DocumentId, PeerId, PeerInfo};
 
+/// Our heads before and after a sync message changed the document, and the
+/// whole saved document it brought (with its heads), if it did.
+type Changed = (
+    Vec<ChangeHash>,
+    Vec<ChangeHash>,
+    Option<(Vec<u8>, Vec<ChangeHash>)>,
+);
+
 impl<S: Storage> Repo<S> {
     /// A connection id not in use on this repo (for in-process links).
     pub fn fresh_connection_id(&mut self) -> ConnectionId {
@@ -395,6 +403,24 @@ impl<S: Storage> Repo<S> {
             let conn = self.conns.get_mut(&cid).expect("ready connection");
             conn.docs.insert(doc, PeerDoc::new(access, sync));
         }
+        // A message without changes (a request, an acknowledgement) about a
+        // document that is not in memory and is stored whole is often taken
+        // in from the stored heads alone, without loading it (`stored`).
+        if message.changes.is_empty()
+            && let Some(whole) = self.docs.stored_whole(&doc)?
+        {
+            let conn = self.conns.get_mut(&cid).expect("ready connection");
+            let pd = conn.docs.get_mut(&doc).expect("inserted above");
+            let before_shared = pd.sync.shared_heads.clone();
+            let before_theirs = pd.sync.their_heads.clone();
+            let before_last_sent = pd.sync.last_sent_heads.clone();
+            if super::stored::receive(&mut pd.sync, &message, &whole.heads) {
+                pd.received = true;
+                // As below for a message without changes.
+                pd.sync.last_sent_heads = before_last_sent;
+                return self.received_sync(cid, peer, doc, before_shared, before_theirs, None);
+            }
+        }
         // One lookup finds (and loads) the document if it is here at all.
         let found = match self.docs.get(&doc) {
             Ok(found) => found.is_some(),
@@ -551,6 +577,22 @@ impl<S: Storage> Repo<S> {
                 ),
             }));
         }
+        let changed = changed.map(|(before, heads)| (before, heads, whole));
+        self.received_sync(cid, peer, doc, before_shared, before_theirs, changed)
+    }
+
+    /// What follows taking in a peer's sync message, `changed` naming our
+    /// heads before and after if it changed the document (and the whole
+    /// document it brought, to be stored as it came).
+    fn received_sync(
+        &mut self,
+        cid: ConnectionId,
+        peer: &PeerInfo,
+        doc: DocumentId,
+        before_shared: Vec<ChangeHash>,
+        before_theirs: Option<Vec<ChangeHash>>,
+        changed: Option<Changed>,
+    ) -> Result<(), RepoError> {
         let pd = self
             .conns
             .get_mut(&cid)
@@ -561,7 +603,7 @@ impl<S: Storage> Repo<S> {
             self.sync_state_dirty.insert((cid, doc));
         }
         let their_heads = pd.sync.their_heads.clone();
-        if let Some((before, heads)) = changed {
+        if let Some((before, heads, whole)) = changed {
             if let Some(l) = self.docs.get(&doc)? {
                 l.dirty = true;
                 l.pinned = false;
