@@ -9,6 +9,9 @@
 //!   and a change by one fans out to the other.
 //! - JS and native: a JS write reaches a `tandem_relay::Client` through the
 //!   relay, and the native client's write reaches the JS client.
+//! - After a restart: a fresh JS client finds a document the relay answers
+//!   from its store without loading it (a whole saved document, without the
+//!   Bloom filter automerge would add), then edits it through the relay.
 //!
 //! Every wait is bounded; a failure in Node shows its stderr. Node 20 and the
 //! npm packages of tests/js are required (installed with `npm ci` when
@@ -22,7 +25,7 @@ mod node;
 
 #[path = "support/relay.rs"]
 mod relay;
-use relay::{n, native, start_relay, wait_acknowledged, wait_native};
+use relay::{n, native, start_relay, start_relay_on, wait_acknowledged, wait_native};
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tandem_engine::automerge::{ChangeHash, ROOT, transaction::Transactable};
 use tandem_engine::{AutomergeUrl, DocumentId};
+use tandem_relay::RelayConfig;
 use tokio::sync::mpsc;
 
 /// Bound on each single wait.
@@ -292,6 +296,54 @@ async fn js_and_native_clients_sync_both_ways_through_the_relay() {
         client.shutdown().await.unwrap();
         js.exit().await;
         assert_eq!(relay.stop(T).await.view(&doc, n).unwrap(), Some(12));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_js_client_finds_a_document_the_relay_answers_from_its_store() {
+    bounded(async {
+        let relay = start_relay().await;
+        let mut a = Js::start(&relay.url, "js-a").await;
+        let created = a
+            .call(json!({"cmd": "create", "value": {"n": 1, "title": "stored"}}))
+            .await;
+        let url = created["url"].clone();
+        let doc = doc_id(&url);
+        a.call(json!({"cmd": "acked", "url": url})).await;
+        a.exit().await;
+
+        // Restarted, the relay has nothing in memory: it answers a fresh
+        // client's request from the stored bytes and takes in its
+        // acknowledgement from their heads, loading nothing.
+        let (repo, store) = relay.stop_keeping_store(T).await;
+        drop(repo);
+        let relay = start_relay_on(store, RelayConfig::default()).await;
+        let mut b = Js::start(&relay.url, "js-b").await;
+        let seen = b
+            .call(json!({"cmd": "wait", "url": url, "key": "n", "equals": 1}))
+            .await;
+        assert_eq!(seen["doc"], json!({"n": 1, "title": "stored"}));
+        b.call(json!({"cmd": "acked", "url": url})).await;
+        b.exit().await;
+        let (mut repo, store) = relay.stop_keeping_store(T).await;
+        assert!(
+            !repo.is_loaded(&doc),
+            "the relay loaded the document: the answer did not come from its store"
+        );
+        assert_eq!(repo.view(&doc, n).unwrap(), Some(1));
+        drop(repo);
+
+        // A client that found it that way edits it through the relay.
+        let relay = start_relay_on(store, RelayConfig::default()).await;
+        let mut c = Js::start(&relay.url, "js-c").await;
+        c.call(json!({"cmd": "wait", "url": url, "key": "n", "equals": 1}))
+            .await;
+        c.call(json!({"cmd": "set", "url": url, "key": "n", "value": 2}))
+            .await;
+        c.call(json!({"cmd": "acked", "url": url})).await;
+        c.exit().await;
+        assert_eq!(relay.stop(T).await.view(&doc, n).unwrap(), Some(2));
     })
     .await;
 }

@@ -13,6 +13,7 @@
 //! Run: `cargo test -p tandem-tests --test samod_interop -- --nocapture`
 //! (`--nocapture` shows the build time).
 
+#[allow(dead_code)] // the restart helpers are used by relay_js_interop
 #[path = "support/relay.rs"]
 mod relay;
 use relay::{n, native, start_relay, wait_acknowledged, wait_native};

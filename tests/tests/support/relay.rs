@@ -16,17 +16,27 @@ pub struct Relay {
     pub url: String,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Repo<RedbStorage>>,
-    _dir: tempfile::TempDir,
+    store: Store,
 }
+
+/// The directory of a relay's store, kept to start a relay on it again.
+pub struct Store(tempfile::TempDir);
 
 impl Relay {
     /// Shut down gracefully (within `limit`) and hand back what it stored.
     pub async fn stop(self, limit: Duration) -> Repo<RedbStorage> {
+        self.stop_keeping_store(limit).await.0
+    }
+
+    /// Shut down gracefully (within `limit`), handing back what it stored
+    /// and its store's directory, for [`start_relay_on`].
+    pub async fn stop_keeping_store(self, limit: Duration) -> (Repo<RedbStorage>, Store) {
         self.stop.send(()).unwrap();
-        tokio::time::timeout(limit, self.task)
+        let repo = tokio::time::timeout(limit, self.task)
             .await
             .expect("the relay did not shut down")
-            .unwrap()
+            .unwrap();
+        (repo, self.store)
     }
 }
 
@@ -37,9 +47,14 @@ pub async fn start_relay() -> Relay {
 
 /// The relay with `config` (auth, limits), on 127.0.0.1:0.
 pub async fn start_relay_with(config: RelayConfig) -> Relay {
-    let dir = tempfile::tempdir().unwrap();
+    start_relay_on(Store(tempfile::tempdir().unwrap()), config).await
+}
+
+/// The relay with `config` over the store in `store` (a restart, with
+/// nothing in memory), on 127.0.0.1:0.
+pub async fn start_relay_on(store: Store, config: RelayConfig) -> Relay {
     let repo = Repo::open(
-        RedbStorage::open(dir.path().join("store.redb")).unwrap(),
+        RedbStorage::open(store.0.path().join("store.redb")).unwrap(),
         RepoConfig::new(PeerId::new("tandem-relay")),
         config.auth.policy(),
     )
@@ -54,7 +69,7 @@ pub async fn start_relay_with(config: RelayConfig) -> Relay {
         url,
         stop,
         task,
-        _dir: dir,
+        store,
     }
 }
 
