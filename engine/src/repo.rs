@@ -949,7 +949,17 @@ impl<S: Storage> Repo<S> {
         // fan-out) get the same messages and end in the same state, so each
         // distinct state is generated once per flush.
         let mut generated: HashMap<(DocumentId, u64), Vec<Generated>> = HashMap::new();
-        for (cid, id) in std::mem::take(&mut self.to_sync) {
+        let to_sync = std::mem::take(&mut self.to_sync);
+        // Only a document synced with several connections in this flush can
+        // meet the same state twice: the others (every document of a replica
+        // catching up, say) skip hashing and keeping their states.
+        let mut connections: HashMap<DocumentId, usize> = HashMap::new();
+        if self.conns.len() > 1 {
+            for (_, id) in &to_sync {
+                *connections.entry(*id).or_default() += 1;
+            }
+        }
+        for (cid, id) in to_sync {
             let Some(conn) = self.conns.get_mut(&cid) else {
                 continue;
             };
@@ -971,20 +981,34 @@ impl<S: Storage> Repo<S> {
                 held.push((cid, id));
                 continue;
             }
-            // A document not in memory and stored whole: what to send is
-            // often decided from its stored bytes, without loading it.
-            let decided = match self.docs.stored_whole(&id) {
-                Ok(Some(whole)) => stored::generate(&mut pd.sync, &whole.heads, &whole.bytes)
-                    .map(|answer| answer.map(|message| (whole.heads, message))),
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!(document = %id, error = %e, "cannot read document to sync");
-                    continue;
+            // What to send is often decided without automerge (`stored`): from
+            // a loaded document's heads, or for one not in memory and stored
+            // whole, from its stored bytes, without loading it.
+            let decided = if self.docs.is_loaded(&id) {
+                match self.docs.get(&id) {
+                    Ok(Some(loaded)) => {
+                        let heads = loaded.doc.get_heads();
+                        stored::generate(&mut pd.sync, &heads, None)
+                            .map(|answer| answer.map(|message| (heads, message)))
+                    }
+                    _ => None,
+                }
+            } else {
+                match self.docs.stored_whole(&id) {
+                    Ok(Some(whole)) => {
+                        stored::generate(&mut pd.sync, &whole.heads, Some(&whole.bytes))
+                            .map(|answer| answer.map(|message| (whole.heads, message)))
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::warn!(document = %id, error = %e, "cannot read document to sync");
+                        continue;
+                    }
                 }
             };
             if let Some(answer) = decided {
                 if let Some((heads, message)) = answer {
-                    if window > 0 {
+                    if window > 0 && !message.changes.is_empty() {
                         if pd.in_flight.len() >= window {
                             pd.in_flight.pop_front();
                         }
@@ -1013,15 +1037,17 @@ impl<S: Storage> Repo<S> {
                 }
             };
             let doc = &mut loaded.doc;
-            let key = (id, state_hash(&pd.sync));
+            let memo = connections.get(&id).is_some_and(|n| *n > 1);
+            let key = (id, if memo { state_hash(&pd.sync) } else { 0 });
             let same = generated
                 .get(&key)
+                .filter(|_| memo)
                 .and_then(|g| g.iter().find(|g| g.before == pd.sync));
             let (empty, messages, changes) = if let Some(g) = same {
                 pd.sync.clone_from(&g.after);
                 (g.empty, g.messages.clone(), g.changes)
             } else {
-                let before = pd.sync.clone();
+                let before = memo.then(|| pd.sync.clone());
                 let result = catch_unwind(AssertUnwindSafe(|| {
                     let empty = doc.get_heads().is_empty();
                     let mut out = Vec::new();
@@ -1039,13 +1065,15 @@ impl<S: Storage> Repo<S> {
                 }));
                 match result {
                     Ok((empty, messages, changes)) => {
-                        generated.entry(key).or_default().push(Generated {
-                            before,
-                            after: pd.sync.clone(),
-                            empty,
-                            messages: messages.clone(),
-                            changes,
-                        });
+                        if let Some(before) = before {
+                            generated.entry(key).or_default().push(Generated {
+                                before,
+                                after: pd.sync.clone(),
+                                empty,
+                                messages: messages.clone(),
+                                changes,
+                            });
+                        }
                         (empty, messages, changes)
                     }
                     Err(panic) => {

@@ -518,6 +518,42 @@ fn a_new_replica_catches_up_without_the_server_loading_stored_documents() {
     assert_eq!(get(&mut server, &docs[1], "from-fresh"), Some(2));
 }
 
+/// A replica that reconnects in step with a restarted server (both keep
+/// their sync states) is answered from the server's stored heads: the server
+/// loads none of the documents to tell it nothing changed.
+#[test]
+fn a_reconnect_in_step_loads_nothing_on_the_server() {
+    let storage = Arc::new(MemoryStorage::new());
+    let mut server = Repo::open(storage.clone(), config("server"), ServeOnRequest).unwrap();
+    let docs: Vec<DocumentId> = (0..30)
+        .map(|i| {
+            let doc = server.create().unwrap();
+            put(&mut server, &doc, "n", i);
+            doc
+        })
+        .collect();
+    server.flush().unwrap();
+    let mut replica = client("replica");
+    for doc in &docs {
+        replica.request(*doc).unwrap();
+    }
+    sync_in_process(&mut replica, &mut server, 50).unwrap();
+    drop(server);
+
+    let mut server = Repo::open(storage, config("server"), ServeOnRequest).unwrap();
+    let again = sync_in_process(&mut replica, &mut server, 50).unwrap();
+    assert_eq!(
+        server.loaded_documents(),
+        0,
+        "the server loaded documents to answer a replica in step"
+    );
+    assert!(again.bytes.1 > 0, "the server answered: {again:?}");
+    // And a change made since still flows.
+    put(&mut server, &docs[3], "n", 33);
+    sync_in_process(&mut replica, &mut server, 50).unwrap();
+    assert_eq!(get(&mut replica, &docs[3], "n"), Some(33));
+}
+
 /// A replica that requests a document it has nothing of receives it whole
 /// (automerge's sync sends a saved document then) and stores those bytes as
 /// they came: a document chunk, not the changes encoded again.

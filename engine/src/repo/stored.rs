@@ -16,7 +16,12 @@
 //! - [`generate`]: for a peer that has nothing and understands the second
 //!   message format, automerge sends the whole saved document; the stored
 //!   bytes are that. For a peer in step, or one that has not answered yet,
-//!   automerge sends nothing. Everything else is left to automerge.
+//!   automerge sends nothing; for a peer whose last sync point is our heads
+//!   (a reconnect in step, with the sync states kept), a message with our
+//!   heads and an empty Bloom filter, built here exactly as automerge does.
+//!   Everything else is left to automerge. The last two cases need only the
+//!   heads, so they also spare automerge's work for loaded documents (a
+//!   replica's acknowledgements).
 //!
 //! The whole-document answer differs from automerge's in two ways, neither
 //! of which the protocol depends on. It carries no `have` (automerge sends
@@ -28,7 +33,7 @@
 //! The tests hold both functions to automerge's own results.
 
 use automerge::ChangeHash;
-use automerge::sync::{self, Capability, ChunkList, MessageFlags, MessageVersion};
+use automerge::sync::{self, BloomFilter, Capability, ChunkList, MessageFlags, MessageVersion};
 
 /// Apply `message` to `state` as automerge would for a document whose heads
 /// are `ours` (sorted, as automerge gives them), if the message has no
@@ -65,15 +70,16 @@ pub(crate) fn receive(
 }
 
 /// What automerge's `generate_sync_message` does for a document whose heads
-/// are `ours` (sorted, not empty) and whose saved bytes are `saved`, if that
-/// is decided without the document: `Some(None)` when it sends nothing,
-/// `Some(Some(message))` when it sends the whole document (the differences
-/// are in the module's documentation), `None` when only automerge can tell;
-/// `state` is then untouched.
+/// are `ours` (sorted, not empty), if that is decided without the document:
+/// `Some(None)` when it sends nothing, `Some(Some(message))` when it sends a
+/// message without changes (exactly automerge's) or, given the document's
+/// `saved` bytes, the whole document (the differences are in the module's
+/// documentation); `None` when only automerge can tell, and `state` is then
+/// untouched.
 pub(crate) fn generate(
     state: &mut sync::State,
     ours: &[ChangeHash],
-    saved: &[u8],
+    saved: Option<&[u8]>,
 ) -> Option<Option<sync::Message>> {
     if ours.is_empty() || state.needs_reset {
         return None;
@@ -93,35 +99,68 @@ pub(crate) fn generate(
     if responded && state.in_flight {
         return Some(None);
     }
-    let in_step = state.their_heads.as_deref() == Some(ours) || state.read_only;
-    let (Some(have), Some(need)) = (&state.their_have, &state.their_need) else {
-        // Nothing heard from the peer: nothing to send it but our heads and
-        // a Bloom filter, which takes the change graph.
-        return (responded && in_step).then_some(None);
+    let v2 = state
+        .their_capabilities
+        .as_ref()
+        .is_some_and(|c| c.contains(&Capability::MessageV2));
+    // Whether the message carries the whole document (a peer that has
+    // nothing); otherwise it carries no changes, or only automerge knows.
+    let whole = match (&state.their_have, &state.their_need) {
+        (Some(have), Some(need)) if !state.peer_read_only => {
+            if state.their_heads.as_deref() == Some(&[]) && v2 {
+                true
+            } else {
+                // Changes are due if the peer needs some or its sync points
+                // fall short of our heads.
+                let mut points: Vec<ChangeHash> = have
+                    .iter()
+                    .flat_map(|h| h.last_sync.iter().copied())
+                    .collect();
+                points.sort();
+                points.dedup();
+                if !(need.is_empty() && (have.is_empty() || points == ours)) {
+                    return None;
+                }
+                false
+            }
+        }
+        // A read-only peer is sent no changes; nor is one not heard from.
+        _ => false,
     };
-    let sends_doc = !state.peer_read_only
-        && state.their_heads.as_deref() == Some(&[])
-        && state
-            .their_capabilities
-            .as_ref()
-            .is_some_and(|c| c.contains(&Capability::MessageV2));
-    if !sends_doc {
-        // Changes to send only if the peer needs some or its sync points
-        // fall short of our heads; nothing if it is read-only.
-        let nothing = state.peer_read_only || {
-            let mut points: Vec<ChangeHash> = have
-                .iter()
-                .flat_map(|h| h.last_sync.iter().copied())
-                .collect();
-            points.sort();
-            points.dedup();
-            need.is_empty() && (have.is_empty() || points == ours)
-        };
-        return (nothing && responded && in_step).then_some(None);
+    let in_step = state.their_heads.as_deref() == Some(ours) || state.read_only;
+    if !whole && responded && in_step {
+        return Some(None);
     }
+    let (changes, have, version) = if whole {
+        (
+            ChunkList::from(saved?.to_vec()),
+            Vec::new(),
+            MessageVersion::V2,
+        )
+    } else {
+        // Our need (what their heads depend on that we lack: nothing, when
+        // we have their heads) and our have (a Bloom filter of our changes
+        // since the shared heads: none, when those are ours).
+        let need_nothing = state.read_only || state.their_heads.as_deref().is_none_or(within);
+        if !need_nothing || state.shared_heads != ours {
+            return None;
+        }
+        let have = sync::Have {
+            last_sync: ours.to_vec(),
+            bloom: BloomFilter::from_hashes(std::iter::empty::<ChangeHash>()),
+        };
+        let version = if v2 {
+            MessageVersion::V2
+        } else {
+            MessageVersion::V1
+        };
+        (ChunkList::from(Vec::<Vec<u8>>::new()), vec![have], version)
+    };
     state.have_responded = true;
     state.last_sent_heads = ours.to_vec();
-    state.sent_hashes.extend(ours.iter().copied());
+    if whole {
+        state.sent_hashes.extend(ours.iter().copied());
+    }
     state.in_flight = true;
     let mut flags = MessageFlags::new();
     flags.set(MessageFlags::SUPPORTS_SYNC_RESET);
@@ -131,10 +170,10 @@ pub(crate) fn generate(
     Some(Some(sync::Message {
         heads: ours.to_vec(),
         need: Vec::new(),
-        have: Vec::new(),
-        changes: ChunkList::from(saved.to_vec()),
+        have,
+        changes,
         flags: Some(flags),
-        version: MessageVersion::V2,
+        version,
     }))
 }
 
@@ -156,6 +195,9 @@ mod tests {
         Send(usize, bool),
         /// The peer is replaced by a new one that has nothing.
         Fresh,
+        /// Both sides reconnect, keeping their documents and what a sync
+        /// state persists (the shared heads), as Tandem stores them.
+        Reconnect,
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -163,6 +205,7 @@ mod tests {
             2 => (0..2usize, any::<u8>()).prop_map(|(p, v)| Step::Edit(p, v)),
             6 => (0..2usize, prop::bool::weighted(0.7)).prop_map(|(p, ok)| Step::Send(p, ok)),
             1 => Just(Step::Fresh),
+            2 => Just(Step::Reconnect),
         ]
     }
 
@@ -180,6 +223,7 @@ mod tests {
     struct Seen {
         received: usize,
         silent: usize,
+        empty: usize,
         whole: usize,
     }
 
@@ -231,6 +275,11 @@ mod tests {
                     self.peer_state = sync::State::new();
                     self.state = new_state(self.read_only);
                 }
+                Step::Reconnect => {
+                    self.peer_state = sync::State::decode(&self.peer_state.encode()).unwrap();
+                    self.state = sync::State::decode(&self.state.encode()).unwrap();
+                    self.state.read_only = self.read_only;
+                }
             }
         }
 
@@ -259,14 +308,40 @@ mod tests {
             let decided = if heads.is_empty() {
                 None
             } else {
-                generate(&mut candidate, &heads, &saved)
+                generate(&mut candidate, &heads, Some(&saved))
+            };
+            // Without the saved bytes, the same decision but for the whole
+            // document, which is then left to automerge.
+            let mut without = self.state.clone();
+            let decided_without = if heads.is_empty() {
+                None
+            } else {
+                generate(&mut without, &heads, None)
             };
             let reference = self.ours.sync().generate_sync_message(&mut self.state);
+            match &decided {
+                Some(Some(m)) if !m.changes.is_empty() => {
+                    assert!(
+                        decided_without.is_none(),
+                        "a whole document without its bytes"
+                    );
+                    assert_eq!(without, before);
+                }
+                _ => {
+                    assert_eq!(decided_without, decided);
+                    assert_eq!(without, candidate);
+                }
+            }
             match decided {
                 None => assert_eq!(candidate, before, "an undecided generate changed the state"),
                 Some(None) => {
                     self.seen.silent += 1;
                     assert!(reference.is_none(), "automerge sends {reference:?}");
+                    assert_eq!(candidate, self.state);
+                }
+                Some(Some(m)) if m.changes.is_empty() => {
+                    self.seen.empty += 1;
+                    assert_eq!(Some(&m), reference.as_ref(), "not automerge's message");
                     assert_eq!(candidate, self.state);
                 }
                 Some(Some(m)) => {
@@ -284,7 +359,7 @@ mod tests {
                     let mut rest = candidate.clone();
                     rest.sent_hashes.clone_from(&self.state.sent_hashes);
                     assert_eq!(rest, self.state);
-                    // The message decodes, and a peer loads it.
+                    // The message decodes as it was built.
                     let decoded = sync::Message::decode(&m.clone().encode()).unwrap();
                     assert_eq!(decoded, m);
                 }
@@ -323,6 +398,7 @@ mod tests {
                 let mut totals = totals.borrow_mut();
                 totals.received += x.seen.received;
                 totals.silent += x.seen.silent;
+                totals.empty += x.seen.empty;
                 totals.whole += x.seen.whole;
                 Ok(())
             })
@@ -334,6 +410,11 @@ mod tests {
             totals.received
         );
         assert!(totals.silent > 100, "{} silences decided", totals.silent);
+        assert!(
+            totals.empty > 20,
+            "{} messages without changes",
+            totals.empty
+        );
         assert!(totals.whole > 100, "{} whole documents sent", totals.whole);
     }
 
@@ -355,20 +436,26 @@ mod tests {
         let mut peer_state = sync::State::new();
         let request = peer.sync().generate_sync_message(&mut peer_state).unwrap();
         assert!(receive(&mut state, &request, &heads), "the request");
-        let answer = generate(&mut state, &heads, &saved)
+        let answer = generate(&mut state, &heads, Some(&saved))
             .expect("decided")
             .expect("the whole document");
         peer.sync()
             .receive_sync_message(&mut peer_state, answer)
             .unwrap();
         assert_eq!(peer.get_heads(), heads);
+        // The peer's acknowledgement is decided from its heads alone, and is
+        // exactly automerge's.
+        let mut by_hand = peer_state.clone();
+        let decided = generate(&mut by_hand, &heads, None).expect("decided");
         let ack = peer
             .sync()
             .generate_sync_message(&mut peer_state)
             .expect("an acknowledgement");
+        assert_eq!(decided.as_ref(), Some(&ack));
+        assert_eq!(by_hand, peer_state);
         assert!(ack.changes.is_empty(), "the peer sends nothing back");
         assert!(receive(&mut state, &ack, &heads), "the acknowledgement");
-        assert_eq!(generate(&mut state, &heads, &saved), Some(None));
+        assert_eq!(generate(&mut state, &heads, Some(&saved)), Some(None));
         assert!(peer.sync().generate_sync_message(&mut peer_state).is_none());
         assert_eq!(state.shared_heads, heads);
     }
