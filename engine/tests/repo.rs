@@ -65,6 +65,17 @@ fn get(repo: &mut Repo<impl Storage>, doc: &DocumentId, key: &str) -> Option<i64
     .unwrap()
 }
 
+/// `n` new documents, the `i`th with `n = i`.
+fn numbered(repo: &mut Repo<impl Storage>, n: i64) -> Vec<DocumentId> {
+    (0..n)
+        .map(|i| {
+            let doc = repo.create().unwrap();
+            put(repo, &doc, "n", i);
+            doc
+        })
+        .collect()
+}
+
 fn sends(outputs: &[Output], conn: ConnectionId) -> Vec<Message> {
     outputs
         .iter()
@@ -441,13 +452,7 @@ fn the_feed_delivers_every_commit_once_in_order_and_resumes() {
 #[test]
 fn a_large_in_process_sync_stores_as_it_goes() {
     let mut server = server();
-    let docs: Vec<DocumentId> = (0..2_500)
-        .map(|i| {
-            let doc = server.create().unwrap();
-            put(&mut server, &doc, "n", i);
-            doc
-        })
-        .collect();
+    let docs = numbered(&mut server, 2_500);
     server.flush().unwrap();
     let storage = Arc::new(Faulty::default());
     let mut fresh = Repo::open(storage.clone(), config("fresh"), ShareAll).unwrap();
@@ -525,13 +530,7 @@ fn a_new_replica_catches_up_without_the_server_loading_stored_documents() {
 fn a_reconnect_in_step_loads_nothing_on_the_server() {
     let storage = Arc::new(MemoryStorage::new());
     let mut server = Repo::open(storage.clone(), config("server"), ServeOnRequest).unwrap();
-    let docs: Vec<DocumentId> = (0..30)
-        .map(|i| {
-            let doc = server.create().unwrap();
-            put(&mut server, &doc, "n", i);
-            doc
-        })
-        .collect();
+    let docs = numbered(&mut server, 30);
     server.flush().unwrap();
     let mut replica = client("replica");
     for doc in &docs {
