@@ -9,6 +9,7 @@ use automerge::{ActorId, AutoCommit, ChangeHash};
 use sha2::{Digest, Sha256};
 
 use crate::DocumentId;
+#[cfg(not(target_arch = "wasm32"))]
 use crate::chunk;
 use crate::error::{RepoError, StorageError};
 use crate::storage::{Storage, StorageKey, WriteBatch};
@@ -56,6 +57,7 @@ struct Unloaded {
 }
 
 /// A document's stored bytes, whole, and the heads they load as.
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) struct StoredWhole {
     pub(crate) heads: Vec<ChangeHash>,
     pub(crate) bytes: Vec<u8>,
@@ -286,6 +288,7 @@ impl<S: Storage> Documents<S> {
     /// their chunk headers name, if they are one saved document or a whole
     /// history of change chunks with intact checksums, and name some heads;
     /// `None` for anything else (see [`chunk::saved_header`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn stored_whole(
         &self,
         id: &DocumentId,

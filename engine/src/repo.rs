@@ -15,6 +15,9 @@
 mod connection;
 mod network;
 mod receive;
+// A storing peer's shortcut; the browser build leaves it out to stay within
+// its size budget (tests/tests/wasm_browser.rs), and syncs through automerge.
+#[cfg(not(target_arch = "wasm32"))]
 mod stored;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -984,6 +987,7 @@ impl<S: Storage> Repo<S> {
             // What to send is often decided without automerge (`stored`): from
             // a loaded document's heads, or for one not in memory and stored
             // whole, from its stored bytes, without loading it.
+            #[cfg(not(target_arch = "wasm32"))]
             let decided = if self.docs.is_loaded(&id) {
                 match self.docs.get(&id) {
                     Ok(Some(loaded)) => {
@@ -1006,6 +1010,8 @@ impl<S: Storage> Repo<S> {
                     }
                 }
             };
+            #[cfg(target_arch = "wasm32")]
+            let decided: Option<Option<(Vec<ChangeHash>, sync::Message)>> = None;
             if let Some(answer) = decided {
                 if let Some((heads, message)) = answer {
                     if window > 0 && !message.changes.is_empty() {

@@ -406,6 +406,7 @@ impl<S: Storage> Repo<S> {
         // A message without changes (a request, an acknowledgement) about a
         // document that is not in memory and is stored whole is often taken
         // in from the stored heads alone, without loading it (`stored`).
+        #[cfg(not(target_arch = "wasm32"))]
         if message.changes.is_empty()
             && let Some(whole) = self.docs.stored_whole(&doc)?
         {
