@@ -403,6 +403,11 @@ impl<S: Storage> Repo<S> {
             let conn = self.conns.get_mut(&cid).expect("ready connection");
             conn.docs.insert(doc, PeerDoc::new(access, sync));
         }
+        // The peer's sync state before the message, to tell what it changed.
+        let before = &self.conns[&cid].docs[&doc].sync;
+        let before_shared = before.shared_heads.clone();
+        let before_theirs = before.their_heads.clone();
+        let before_last_sent = before.last_sent_heads.clone();
         // A message without changes (a request, an acknowledgement) about a
         // document that is not in memory and is stored whole is often taken
         // in from the stored heads alone, without loading it (`stored`).
@@ -412,9 +417,6 @@ impl<S: Storage> Repo<S> {
         {
             let conn = self.conns.get_mut(&cid).expect("ready connection");
             let pd = conn.docs.get_mut(&doc).expect("inserted above");
-            let before_shared = pd.sync.shared_heads.clone();
-            let before_theirs = pd.sync.their_heads.clone();
-            let before_last_sent = pd.sync.last_sent_heads.clone();
             if super::stored::receive(&mut pd.sync, &message, &whole.heads) {
                 pd.received = true;
                 // As below for a message without changes.
@@ -485,9 +487,6 @@ impl<S: Storage> Repo<S> {
                 let header = chunk::saved_header(bytes)?;
                 header.snapshot.then(|| (bytes.to_vec(), header.heads))
             });
-        let before_shared = pd.sync.shared_heads.clone();
-        let before_theirs = pd.sync.their_heads.clone();
-        let before_last_sent = pd.sync.last_sent_heads.clone();
         // A message without changes leaves the document as it is, and what
         // it does to the sync state depends only on the document, the state
         // and the message: peers in step (readers acknowledging the same

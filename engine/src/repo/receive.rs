@@ -45,16 +45,7 @@ pub(crate) fn receive_sync_message(
         ..
     } = message;
 
-    if let Some(flags) = flags {
-        // A peer that sends flags at all understands the second message
-        // format; the flags say what else it understands.
-        let mut capabilities = vec![sync::Capability::MessageV2];
-        if flags.contains(MessageFlags::SUPPORTS_SYNC_RESET) {
-            capabilities.push(sync::Capability::SyncReset);
-        }
-        state.their_capabilities = Some(capabilities);
-        state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
-    }
+    take_flags(state, flags);
 
     let brings_changes = !changes.is_empty();
     // Our heads from here on: only applying their changes moves them.
@@ -103,6 +94,20 @@ pub(crate) fn receive_sync_message(
     state.their_heads = Some(heads);
     state.their_need = Some(need);
     Ok(())
+}
+
+/// What a message's flags tell `state` of the peer, as automerge records it.
+pub(super) fn take_flags(state: &mut sync::State, flags: Option<MessageFlags>) {
+    if let Some(flags) = flags {
+        // A peer that sends flags at all understands the second message
+        // format; the flags say what else it understands.
+        let mut capabilities = vec![sync::Capability::MessageV2];
+        if flags.contains(MessageFlags::SUPPORTS_SYNC_RESET) {
+            capabilities.push(sync::Capability::SyncReset);
+        }
+        state.their_capabilities = Some(capabilities);
+        state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
+    }
 }
 
 /// The heads both sides have after we applied their changes: our new heads

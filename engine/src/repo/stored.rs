@@ -48,15 +48,7 @@ pub(crate) fn receive(
         return false;
     }
     state.in_flight = false;
-    if let Some(flags) = message.flags {
-        // A peer that sends flags at all understands the second format.
-        let mut capabilities = vec![Capability::MessageV2];
-        if flags.contains(MessageFlags::SUPPORTS_SYNC_RESET) {
-            capabilities.push(Capability::SyncReset);
-        }
-        state.their_capabilities = Some(capabilities);
-        state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
-    }
+    super::receive::take_flags(state, message.flags);
     // Every hash we sent is one of our changes, so our heads or an
     // ancestor of them: a peer that has our heads has them all. A peer
     // with no heads has lost its data (or never had any): start over.
