@@ -174,6 +174,11 @@ impl<S: Storage> Documents<S> {
         AutoCommit::new().with_actor(self.actor.clone())
     }
 
+    /// The actor of this store's changes.
+    pub(crate) fn actor(&self) -> &ActorId {
+        &self.actor
+    }
+
     /// Memory lost changes that were never stored: never reuse the actor
     /// that made them (its next sequence numbers would repeat theirs).
     fn renew_actor(&mut self) {

@@ -25,7 +25,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::CommitOptions;
-use automerge::{AutoCommit, Automerge, AutomergeError, ChangeHash};
+use automerge::{ActorId, AutoCommit, Automerge, AutomergeError, Change, ChangeHash};
 
 pub use self::connection::Direction;
 use self::connection::{ConnState, Connection, PeerDoc};
@@ -458,6 +458,36 @@ impl<S: Storage> Repo<S> {
                 Ok(r)
             }
             Ok(Err(e)) => Err(RepoError::Automerge(e)),
+            Err(panic) => Err(self.quarantine(id, panic_message(panic))),
+        }
+    }
+
+    /// [`create_absent_with`](Self::create_absent_with) for a document whose
+    /// first change `first` builds without a document, given this store's
+    /// actor (the change must be that actor's first, with no dependencies).
+    /// The document is held as the change's bytes, parsed only when used.
+    /// `Ok(false)`, with nothing done, when `first` builds nothing: the
+    /// caller then creates it with
+    /// [`create_absent_with`](Self::create_absent_with).
+    pub(crate) fn create_absent_from_change(
+        &mut self,
+        id: DocumentId,
+        first: impl FnOnce(&ActorId) -> Option<Change>,
+    ) -> Result<bool, RepoError> {
+        if self.purge_marker(&id)?.is_some() {
+            return Err(RepoError::Purged(id));
+        }
+        let actor = self.docs.actor();
+        let built = catch_unwind(AssertUnwindSafe(|| {
+            first(actor).map(|c| (c.raw_bytes().to_vec(), c.hash()))
+        }));
+        match built {
+            Ok(Some((bytes, hash))) => {
+                self.docs.insert_unloaded(id, bytes, vec![hash], false);
+                self.on_changed(id, Origin::Local, Vec::new(), vec![hash], None);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
             Err(panic) => Err(self.quarantine(id, panic_message(panic))),
         }
     }
@@ -1225,6 +1255,61 @@ mod tests {
     fn repo() -> Repo<MemoryStorage> {
         let config = RepoConfig::new(PeerId::new("t"));
         Repo::open(MemoryStorage::new(), config, ShareAll).unwrap()
+    }
+
+    /// A document made from a change built without a document is held as
+    /// that change's bytes (not parsed), reads back, is stored as them at
+    /// the flush with one local feed entry; building nothing does nothing,
+    /// and a panic while building quarantines the id.
+    #[test]
+    fn create_absent_from_change_holds_the_change_bytes() {
+        let mut repo = repo();
+        let id = DocumentId::random();
+        let mut made = None;
+        let created = repo
+            .create_absent_from_change(id, |actor| {
+                let mut d = AutoCommit::new().with_actor(actor.clone());
+                d.put(ROOT, "k", 1).unwrap();
+                d.commit();
+                made = d.get_last_local_change();
+                made.clone()
+            })
+            .unwrap();
+        assert!(created);
+        let made = made.unwrap();
+        assert_eq!(
+            made.actor_id(),
+            repo.docs.actor(),
+            "made as the store's actor"
+        );
+        assert!(!repo.is_loaded(&id), "held as bytes");
+        repo.flush().unwrap();
+        assert_eq!(
+            repo.stored_bytes(&id).unwrap().as_deref(),
+            Some(made.raw_bytes())
+        );
+        let feed = repo.feed().read(crate::Cursor::START, 10).unwrap();
+        assert_eq!(feed.len(), 1);
+        assert_eq!((feed[0].document, &feed[0].origin), (id, &Origin::Local));
+        assert_eq!(feed[0].heads, vec![made.hash()]);
+        let read = |d: &Automerge| d.get(ROOT, "k").unwrap().map(|(v, _)| v.as_i64());
+        assert_eq!(repo.view(&id, read).unwrap(), Some(Some(1)));
+
+        let nothing = DocumentId::random();
+        assert!(!repo.create_absent_from_change(nothing, |_| None).unwrap());
+        assert!(!repo.contains(&nothing).unwrap());
+
+        let panicking = DocumentId::random();
+        let err = repo.create_absent_from_change(panicking, |_| panic!("while building"));
+        assert!(matches!(err, Err(RepoError::Quarantined { .. })), "{err:?}");
+        repo.flush().unwrap();
+        assert!(repo.stored_bytes(&panicking).unwrap().is_none());
+        assert_eq!(repo.view(&id, read).unwrap(), Some(Some(1)));
+
+        // A purged id is not made again.
+        repo.purge(&id, b"gone".to_vec()).unwrap();
+        let again = repo.create_absent_from_change(id, |_| Some(made.clone()));
+        assert!(matches!(again, Err(RepoError::Purged(_))), "{again:?}");
     }
 
     /// With no peer connected, the new document is held as bytes, reads

@@ -752,7 +752,12 @@ impl<S: Storage, R: BorrowMut<Repo<S>>> Table<'_, S, R> {
         let written = if exists {
             repo.change_with(&id, document::stamped(&ts), write)
         } else {
-            repo.create_absent_with(id, document::stamped(&ts), write)
+            let first = |actor: &_| document::new_row_change(actor, &schema, key, &columns, &ts);
+            match repo.create_absent_from_change(id, first) {
+                Ok(true) => Ok(()),
+                Ok(false) => repo.create_absent_with(id, document::stamped(&ts), write),
+                Err(e) => Err(e),
+            }
         };
         match written {
             Ok(()) => {}

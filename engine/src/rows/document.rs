@@ -25,8 +25,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
-    ActorId, AutoCommit, Automerge, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue,
-    Value as AmValue, hydrate,
+    ActorId, AutoCommit, Automerge, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ROOT,
+    ReadDoc, ScalarValue, Value as AmValue, hydrate, legacy,
 };
 use sha2::{Digest, Sha256};
 
@@ -172,7 +172,61 @@ fn stamp_of(doc: &Automerge, op: &ObjId) -> Timestamp {
 pub(crate) fn stamped(ts: &Timestamp) -> CommitOptions {
     CommitOptions::default()
         .with_message(ts.to_string())
-        .with_time(i64::try_from(ts.millis / 1000).unwrap_or(i64::MAX))
+        .with_time(seconds(ts))
+}
+
+/// A timestamp's instant in seconds, a change's time.
+fn seconds(ts: &Timestamp) -> i64 {
+    i64::try_from(ts.millis / 1000).unwrap_or(i64::MAX)
+}
+
+/// The first change of a new row, built without an automerge document:
+/// `_table`, `_key` and the columns as one put each at the root, in key
+/// order (a column given twice keeps its last value), made by `actor` as
+/// its first change (sequence 1, no dependencies) and stamped `ts`. It is
+/// byte for byte the change automerge commits for the same puts in that
+/// order, at a small part of the cost: automerge builds its operation set
+/// to make a change, this encodes the change alone. `None` when the schema
+/// has counter or text columns, whose objects come from changes of their
+/// own ([`column_change`]), so the row's first change depends on them.
+pub(crate) fn new_row_change(
+    actor: &ActorId,
+    schema: &TableSchema,
+    key: &str,
+    columns: &[(String, Value)],
+    ts: &Timestamp,
+) -> Option<Change> {
+    if schema.crdt_columns().next().is_some() {
+        return None;
+    }
+    let mut root: BTreeMap<&str, ScalarValue> = BTreeMap::new();
+    root.insert(TABLE, ScalarValue::Str(schema.name.as_str().into()));
+    root.insert(KEY, ScalarValue::Str(key.into()));
+    for (column, value) in columns {
+        root.insert(column, value.to_scalar());
+    }
+    let operations = root
+        .into_iter()
+        .map(|(k, v)| legacy::Op {
+            action: legacy::OpType::Put(v),
+            obj: legacy::ObjectId::Root,
+            key: legacy::Key::Map(k.into()),
+            pred: legacy::SortedVec::new(),
+            insert: false,
+        })
+        .collect();
+    Some(Change::from(ExpandedChange {
+        operations,
+        actor_id: actor.clone(),
+        hash: None,
+        seq: 1,
+        start_op: std::num::NonZeroU64::MIN,
+        time: seconds(ts),
+        message: Some(ts.to_string()),
+        deps: Vec::new(),
+        extra_bytes: Vec::new(),
+        author: None,
+    }))
 }
 
 /// Write a register: the value at the column's key, superseding every
@@ -470,6 +524,47 @@ mod tests {
             plain.get(ROOT, KEY).unwrap().unwrap().0.as_str(),
             Some("k1")
         );
+    }
+
+    #[test]
+    fn a_new_row_change_is_the_change_automerge_commits_for_its_puts() {
+        let schema = TableSchema::new("tasks");
+        let actor = ActorId::random();
+        let ts = Timestamp {
+            millis: 5_000_123,
+            counter: 2,
+            replica: "r1".into(),
+        };
+        let built = new_row_change(&actor, &schema, "k1", &columns(), &ts).expect("registers only");
+        // Automerge's own change: the same puts, in key order, last value kept.
+        let mut d = AutoCommit::new().with_actor(actor.clone());
+        let mut expected: BTreeMap<String, ScalarValue> = BTreeMap::new();
+        expected.insert(TABLE.into(), ScalarValue::Str("tasks".into()));
+        expected.insert(KEY.into(), ScalarValue::Str("k1".into()));
+        for (c, v) in columns() {
+            expected.insert(c, v.to_scalar());
+        }
+        for (k, v) in expected {
+            d.put(ROOT, k, v).unwrap();
+        }
+        d.commit_with(stamped(&ts));
+        let theirs = d.get_last_local_change().unwrap();
+        assert_eq!(built.raw_bytes(), theirs.raw_bytes());
+        assert_eq!(built.hash(), theirs.hash());
+        // It loads as the row the batch path writes.
+        let mut loaded = AutoCommit::load(built.raw_bytes()).unwrap();
+        let mut batch = AutoCommit::new();
+        write(&mut batch, &schema, false);
+        let read = |d: &mut AutoCommit| read(d.document(), &At(None), &schema);
+        assert_eq!(
+            read(&mut loaded).unwrap().values(),
+            read(&mut batch).unwrap().values()
+        );
+        let v = versions(loaded.document(), &At(None), "title");
+        assert_eq!(v[0].at, ts, "the version carries the change's timestamp");
+
+        let counted = TableSchema::new("tasks").counter("n");
+        assert!(new_row_change(&actor, &counted, "k1", &[], &ts).is_none());
     }
 
     #[test]
