@@ -25,9 +25,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
-    ActorId, AutoCommit, Automerge, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ROOT,
-    ReadDoc, ScalarValue, Value as AmValue, hydrate, legacy,
+    ActorId, AutoCommit, Automerge, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue,
+    Value as AmValue, hydrate,
 };
+#[cfg(not(target_arch = "wasm32"))]
+use automerge::{ExpandedChange, legacy};
 use sha2::{Digest, Sha256};
 
 use super::{ColumnKind, Row, TableSchema, Timestamp, Value, Version};
@@ -189,6 +191,7 @@ fn seconds(ts: &Timestamp) -> i64 {
 /// to make a change, this encodes the change alone. `None` when the schema
 /// has counter or text columns, whose objects come from changes of their
 /// own ([`column_change`]), so the row's first change depends on them.
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn new_row_change(
     actor: &ActorId,
     schema: &TableSchema,
@@ -227,6 +230,21 @@ pub(crate) fn new_row_change(
         extra_bytes: Vec::new(),
         author: None,
     }))
+}
+
+/// The browser build leaves [`new_row_change`] out (always `None`, so rows
+/// are made in an automerge document there): automerge's builder for
+/// expanded changes would take the gzipped module over its size budget
+/// (511,399 bytes against 500,000).
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn new_row_change(
+    _actor: &ActorId,
+    _schema: &TableSchema,
+    _key: &str,
+    _columns: &[(String, Value)],
+    _ts: &Timestamp,
+) -> Option<Change> {
+    None
 }
 
 /// Write a register: the value at the column's key, superseding every
