@@ -1125,3 +1125,47 @@ fn pages_of_keys_merge_are_discovered_and_purges_move_past_them() {
     );
     assert_eq!(keys(&mut c, "tasks").len(), 40);
 }
+
+/// A new row is stored as its first change alone (a change chunk, not a
+/// saved document), and a new replica that requests the row receives those
+/// bytes whole and stores them as they came, without encoding them again.
+#[test]
+fn a_new_row_is_stored_as_its_first_change_and_a_new_replica_keeps_those_bytes() {
+    let schema = TableSchema::new("tasks");
+    let mut a = serving_replica("a", &schema);
+    a.table("tasks").insert_many(numbered(0..20)).unwrap();
+    a.table("tasks")
+        .insert("single", [("n", Value::Int(7))])
+        .unwrap();
+    a.flush().unwrap();
+    let id = a.table("tasks").document_id("k003").unwrap();
+    let single = a.table("tasks").document_id("single").unwrap();
+    let stored = a.repo().stored_bytes(&id).unwrap().expect("stored");
+    // Magic bytes, checksum, then the chunk type: 1 for a change.
+    assert_eq!(stored[..4], [0x85, 0x6f, 0x4a, 0x83]);
+    assert_eq!(stored[8], 1, "a change chunk");
+    let change = automerge::Change::from_bytes(stored.clone()).expect("one whole change");
+    assert!(change.deps().is_empty() && change.seq() == 1);
+
+    let (mut fresh, _) = replica("fresh", &schema);
+    fresh.subscribe("tasks").unwrap();
+    tandem_engine::sync_in_process(fresh.repo_mut(), a.repo_mut(), 50).unwrap();
+    assert_eq!(fresh.discover("tasks").unwrap(), 21);
+    tandem_engine::sync_in_process(fresh.repo_mut(), a.repo_mut(), 50).unwrap();
+    fresh.flush().unwrap();
+    assert_eq!(fresh.repo().stored_bytes(&id).unwrap(), Some(stored));
+    assert_eq!(
+        fresh.repo().stored_bytes(&single).unwrap(),
+        a.repo().stored_bytes(&single).unwrap()
+    );
+    assert_eq!(keys(&mut fresh, "tasks"), keys(&mut a, "tasks"));
+    assert_eq!(
+        fresh
+            .table("tasks")
+            .get("single")
+            .unwrap()
+            .unwrap()
+            .get("n"),
+        Some(&Value::Int(7))
+    );
+}

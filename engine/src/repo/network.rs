@@ -475,9 +475,11 @@ impl<S: Storage> Repo<S> {
         let pd = conn.docs.get_mut(&doc).expect("inserted above");
         pd.received = true;
         let brings_changes = !message.changes.is_empty();
-        // A whole saved document for one we have nothing of (what a peer
-        // sends a new replica): stored as it came rather than encoded again,
-        // once automerge has loaded it and its heads match.
+        // A whole document for one we have nothing of (what a peer sends a
+        // new replica: a saved document, or change chunks holding the whole
+        // history, as a new row's first change): stored as it came rather
+        // than encoded again, once automerge has loaded it and its heads
+        // match.
         let whole = message
             .changes
             .iter()
@@ -485,7 +487,7 @@ impl<S: Storage> Repo<S> {
             .filter(|_| message.changes.len() == 1 && loaded.doc.get_heads().is_empty())
             .and_then(|bytes| {
                 let header = chunk::saved_header(bytes)?;
-                header.snapshot.then(|| (bytes.to_vec(), header.heads))
+                Some((bytes.to_vec(), header.heads))
             });
         // A message without changes leaves the document as it is, and what
         // it does to the sync state depends only on the document, the state
