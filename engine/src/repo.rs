@@ -228,6 +228,11 @@ pub struct Repo<S: Storage> {
     /// Last ephemeral count seen per (sender, session), for de-duplication.
     ephemeral_seen: HashMap<(PeerId, String), u64>,
     now: Millis,
+    /// Whether storage holds any purge marker: read at open, set by
+    /// [`purge`](Self::purge) (markers are only written there and never
+    /// removed), so a store that never purged reads no marker for each
+    /// document it creates.
+    purges: bool,
 }
 
 impl<S: Storage> std::fmt::Debug for Repo<S> {
@@ -243,8 +248,10 @@ impl<S: Storage> std::fmt::Debug for Repo<S> {
 
 const STORAGE_ID_KEY: &str = "storage-id";
 
+const PURGED: &str = "~purged";
+
 fn purge_key(id: &DocumentId) -> StorageKey {
-    StorageKey::from_trusted(vec!["~purged".into(), id.to_string()])
+    StorageKey::from_trusted(vec![PURGED.into(), id.to_string()])
 }
 
 impl<S: Storage> Repo<S> {
@@ -269,6 +276,9 @@ impl<S: Storage> Repo<S> {
             }
         };
         let next_seq = last_seq(&storage)? + 1;
+        let purges = !storage
+            .scan(&StorageKey::from_trusted(vec![PURGED.into()]), None, 1)?
+            .is_empty();
         Ok(Self {
             docs: Documents::new(storage, config.documents.clone()),
             config,
@@ -286,6 +296,7 @@ impl<S: Storage> Repo<S> {
             wanted: BTreeSet::new(),
             ephemeral_seen: HashMap::new(),
             now: 0,
+            purges,
         })
     }
 
@@ -648,6 +659,7 @@ impl<S: Storage> Repo<S> {
         }
         batch.put(purge_key(id), marker);
         self.docs.storage.commit(&batch)?;
+        self.purges = true;
         self.docs.forget(id);
         self.pending.retain(|p| p.document != *id);
         self.to_sync.retain(|(_, d)| d != id);
@@ -810,6 +822,9 @@ impl<S: Storage> Repo<S> {
 
     /// The marker [`purge`](Self::purge) left for a document, if it was purged.
     pub fn purge_marker(&self, id: &DocumentId) -> Result<Option<Vec<u8>>, RepoError> {
+        if !self.purges {
+            return Ok(None);
+        }
         Ok(self.docs.storage.get(&purge_key(id))?)
     }
 
@@ -1309,6 +1324,34 @@ mod tests {
         // A purged id is not made again.
         repo.purge(&id, b"gone".to_vec()).unwrap();
         let again = repo.create_absent_from_change(id, |_| Some(made.clone()));
+        assert!(matches!(again, Err(RepoError::Purged(_))), "{again:?}");
+    }
+
+    /// A store knows of its purges after reopening, and a store that never
+    /// purged reports no marker.
+    #[test]
+    fn purge_markers_are_found_after_reopening() {
+        let storage = std::sync::Arc::new(MemoryStorage::new());
+        let open = || {
+            let config = RepoConfig::new(PeerId::new("t"));
+            Repo::open(storage.clone(), config, ShareAll).unwrap()
+        };
+        let mut repo = open();
+        let (kept, gone) = (DocumentId::random(), DocumentId::random());
+        for id in [kept, gone] {
+            repo.create_absent_with(id, CommitOptions::default(), |d| d.put(ROOT, "k", 1))
+                .unwrap();
+        }
+        repo.flush().unwrap();
+        assert_eq!(repo.purge_marker(&gone).unwrap(), None);
+        repo.purge(&gone, b"gone".to_vec()).unwrap();
+        assert_eq!(repo.purge_marker(&gone).unwrap(), Some(b"gone".to_vec()));
+        drop(repo);
+        let mut repo = open();
+        assert_eq!(repo.purge_marker(&gone).unwrap(), Some(b"gone".to_vec()));
+        assert_eq!(repo.purge_marker(&kept).unwrap(), None);
+        let again =
+            repo.create_absent_with(gone, CommitOptions::default(), |d| d.put(ROOT, "k", 2));
         assert!(matches!(again, Err(RepoError::Purged(_))), "{again:?}");
     }
 
