@@ -685,9 +685,11 @@ impl Storage for RedbStorage {
 impl Drop for RedbStorage {
     fn drop(&mut self) {
         // Whatever else failed, no fold thread outlives the store (it holds
-        // the database open).
+        // the database open), nor does the kept read snapshot.
         if let Some(log) = &self.log {
-            Self::reap(&mut log.lock().unwrap_or_else(|e| e.into_inner()), true);
+            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+            Self::reap(&mut log, true);
+            log.reader = None;
         }
         if let Err(e) = self.checkpoint() {
             tracing::warn!(
