@@ -25,7 +25,7 @@ mod node;
 
 #[path = "support/relay.rs"]
 mod relay;
-use relay::{n, native, start_relay, start_relay_on, wait_acknowledged, wait_native};
+use relay::{Store, n, native, start_relay, start_relay_on, wait_acknowledged, wait_native};
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
@@ -35,7 +35,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tandem_engine::automerge::{ChangeHash, ROOT, transaction::Transactable};
-use tandem_engine::{AutomergeUrl, DocumentId};
+use tandem_engine::rows::{Rows, TableSchema, Value as Cell};
+use tandem_engine::{AutomergeUrl, DocumentId, PeerId, RedbStorage, Repo, RepoConfig, ShareAll};
 use tandem_relay::RelayConfig;
 use tokio::sync::mpsc;
 
@@ -344,6 +345,65 @@ async fn a_js_client_finds_a_document_the_relay_answers_from_its_store() {
         c.call(json!({"cmd": "acked", "url": url})).await;
         c.exit().await;
         assert_eq!(relay.stop(T).await.view(&doc, n).unwrap(), Some(2));
+    })
+    .await;
+}
+
+/// Rows over the redb file of a relay's store (while no relay runs on it).
+fn rows_on(store: &Store) -> Rows<RedbStorage> {
+    let repo = Repo::open(
+        RedbStorage::open(store.redb()).unwrap(),
+        RepoConfig::new(PeerId::new("rows")),
+        ShareAll,
+    )
+    .unwrap();
+    let mut rows = Rows::with_system_clock(repo);
+    rows.define(TableSchema::new("tasks"));
+    rows
+}
+
+/// A row made by the row layer is stored as its first change alone (a
+/// change chunk, not a saved document). The relay answers the official JS
+/// client with those bytes as the whole document, the client reads the row
+/// as plain keys and edits it, and the row layer reads the edit back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_js_client_reads_and_edits_a_row_stored_as_its_first_change() {
+    bounded(async {
+        let store = Store::new();
+        let row = {
+            let mut rows = rows_on(&store);
+            let cells = [
+                ("title", Cell::from("buy milk")),
+                ("done", Cell::Bool(false)),
+            ];
+            rows.table("tasks").insert("t1", cells).unwrap();
+            rows.flush().unwrap();
+            let row = rows.table("tasks").document_id("t1").unwrap();
+            let stored = rows.repo().stored_bytes(&row).unwrap().expect("stored");
+            // Magic bytes, checksum, then the chunk type: 1 for a change.
+            assert_eq!(stored[8], 1, "the row is stored as a change chunk");
+            row
+        };
+        let relay = start_relay_on(store, RelayConfig::default()).await;
+        let url = format!("automerge:{row}");
+        let mut js = Js::start(&relay.url, "js-rows").await;
+        let seen = js
+            .call(json!({"cmd": "wait", "url": url, "key": "title", "equals": "buy milk"}))
+            .await;
+        assert_eq!(
+            seen["doc"],
+            json!({"_table": "tasks", "_key": "t1", "title": "buy milk", "done": false})
+        );
+        js.call(json!({"cmd": "set", "url": url, "key": "done", "value": true}))
+            .await;
+        js.call(json!({"cmd": "acked", "url": url})).await;
+        js.exit().await;
+        let (repo, store) = relay.stop_keeping_store(T).await;
+        drop(repo);
+        let mut rows = rows_on(&store);
+        let read = rows.table("tasks").get("t1").unwrap().expect("the row");
+        assert_eq!(read.get("done"), Some(&Cell::Bool(true)));
+        assert_eq!(read.get("title"), Some(&Cell::from("buy milk")));
     })
     .await;
 }

@@ -22,6 +22,18 @@ pub struct Relay {
 /// The directory of a relay's store, kept to start a relay on it again.
 pub struct Store(tempfile::TempDir);
 
+impl Store {
+    /// An empty store directory, to fill before a relay starts on it.
+    pub fn new() -> Self {
+        Store(tempfile::tempdir().unwrap())
+    }
+
+    /// The redb file a relay on this store opens.
+    pub fn redb(&self) -> std::path::PathBuf {
+        self.0.path().join("store.redb")
+    }
+}
+
 impl Relay {
     /// Shut down gracefully (within `limit`) and hand back what it stored.
     pub async fn stop(self, limit: Duration) -> Repo<RedbStorage> {
@@ -47,14 +59,14 @@ pub async fn start_relay() -> Relay {
 
 /// The relay with `config` (auth, limits), on 127.0.0.1:0.
 pub async fn start_relay_with(config: RelayConfig) -> Relay {
-    start_relay_on(Store(tempfile::tempdir().unwrap()), config).await
+    start_relay_on(Store::new(), config).await
 }
 
 /// The relay with `config` over the store in `store` (a restart, with
 /// nothing in memory), on 127.0.0.1:0.
 pub async fn start_relay_on(store: Store, config: RelayConfig) -> Relay {
     let repo = Repo::open(
-        RedbStorage::open(store.0.path().join("store.redb")).unwrap(),
+        RedbStorage::open(store.redb()).unwrap(),
         RepoConfig::new(PeerId::new("tandem-relay")),
         config.auth.policy(),
     )
