@@ -37,13 +37,15 @@ pub(crate) struct Loaded {
     /// A whole document received as bytes (a copy from another store),
     /// stored as it is at the next flush instead of being encoded again;
     /// `saved` already counts it.
-    received: Option<Vec<u8>>,
-    /// The change chunks sync messages brought since `saved`, as they came,
-    /// while nothing else changed the document: the next flush stores them
-    /// as they are instead of encoding the same changes again. `None` once
-    /// anything else did (an edit, a message whose changes automerge only
-    /// queued, a failed receive): the next flush then encodes what came
-    /// after `saved` (`save_after`), and the one after starts afresh.
+    pub(crate) received: Option<Vec<u8>>,
+    /// The change chunks that sync messages brought and local edits made
+    /// since `saved`, as they came (an edit's one change as automerge
+    /// encoded it at commit), while nothing else changed the document: the
+    /// next flush stores them as they are instead of encoding the same
+    /// changes again. `None` once anything else did (an edit that also
+    /// applied changes, a message whose changes automerge only queued, a
+    /// failed receive): the next flush then encodes what came after `saved`
+    /// (`save_after`), and the one after starts afresh.
     pub(crate) synced: Option<Vec<u8>>,
 }
 

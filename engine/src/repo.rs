@@ -568,7 +568,26 @@ impl<S: Storage> Repo<S> {
                 if let Some((before, heads)) = changed {
                     loaded.dirty = true;
                     loaded.pinned = false;
-                    loaded.synced = None;
+                    // The one change this edit made, if that is all that
+                    // changed the document (`f` may also have applied
+                    // changes): kept with the others since the last save,
+                    // so the flush stores them without `save_after`. Not
+                    // for a document held as the bytes it came in: edited
+                    // before its first flush, it is stored as one snapshot.
+                    let only = loaded.doc.get_last_local_change().filter(|c| {
+                        if loaded.received.is_some() {
+                            return false;
+                        }
+                        let mut deps = c.deps().to_vec();
+                        deps.sort();
+                        deps == before && heads == [c.hash()]
+                    });
+                    match (&mut loaded.synced, only) {
+                        (Some(synced), Some(change)) => {
+                            synced.extend_from_slice(change.raw_bytes())
+                        }
+                        _ => loaded.synced = None,
+                    }
                     self.on_changed(*id, origin, before, heads, None);
                 }
                 Ok((r, is_change))
@@ -1325,6 +1344,54 @@ mod tests {
         repo.purge(&id, b"gone".to_vec()).unwrap();
         let again = repo.create_absent_from_change(id, |_| Some(made.clone()));
         assert!(matches!(again, Err(RepoError::Purged(_))), "{again:?}");
+    }
+
+    /// A flush stores an edit as the change automerge encoded at commit;
+    /// an edit that also applied changes is saved from the document, so
+    /// reopening finds everything either way.
+    #[test]
+    fn an_edit_is_stored_as_the_change_it_made() {
+        let storage = std::sync::Arc::new(MemoryStorage::new());
+        let open = || {
+            let config = RepoConfig::new(PeerId::new("t"));
+            Repo::open(storage.clone(), config, ShareAll).unwrap()
+        };
+        let mut repo = open();
+        let id = DocumentId::random();
+        repo.create_absent_with(id, CommitOptions::default(), |d| d.put(ROOT, "k", 1))
+            .unwrap();
+        repo.flush().unwrap();
+        repo.change(&id, |d| d.put(ROOT, "k", 2)).unwrap();
+        let change = repo
+            .view(&id, |d| d.get_last_local_change().unwrap().clone())
+            .unwrap();
+        repo.flush().unwrap();
+        let stored = repo.stored_bytes(&id).unwrap().unwrap();
+        assert!(
+            stored.ends_with(change.raw_bytes()),
+            "stored as it was made"
+        );
+
+        // A change from elsewhere applied inside the edit, then a put.
+        let mut other = AutoCommit::new();
+        other.put(ROOT, "other", 7).unwrap();
+        other.commit();
+        let foreign = other.get_last_local_change().unwrap().clone();
+        repo.change(&id, |d| {
+            d.apply_changes([foreign])?;
+            d.put(ROOT, "k", 3)
+        })
+        .unwrap();
+        repo.flush().unwrap();
+        let heads = repo.heads(&id).unwrap();
+        drop(repo);
+        let mut repo = open();
+        assert_eq!(repo.heads(&id).unwrap(), heads);
+        let read = |d: &Automerge| {
+            let int = |k| d.get(ROOT, k).unwrap().and_then(|(v, _)| v.as_i64());
+            (int("k"), int("other"))
+        };
+        assert_eq!(repo.view(&id, read).unwrap(), (Some(3), Some(7)));
     }
 
     /// A store knows of its purges after reopening, and a store that never
