@@ -485,7 +485,8 @@ impl<S: Storage> Documents<S> {
     /// Add the writes for every dirty document to `batch`. Memory is updated
     /// only by [`apply`](Self::apply) once the batch is durable.
     pub(crate) fn plan_saves(&mut self, batch: &mut WriteBatch) -> Vec<SavePlan> {
-        let mut plans = Vec::new();
+        let mut plans = Vec::with_capacity(self.unloaded.len() + self.touched.len());
+        batch.reserve(self.unloaded.len() + self.touched.len());
         let min = self.config.compaction_min_bytes;
         let ratio = self.config.compaction_ratio.max(1);
         // Received whole and never parsed: stored as they are, named by

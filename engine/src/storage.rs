@@ -112,6 +112,11 @@ impl WriteBatch {
         self.writes.push(Write::Put(key, value));
     }
 
+    /// Make room for at least `additional` more writes.
+    pub fn reserve(&mut self, additional: usize) {
+        self.writes.reserve(additional);
+    }
+
     /// Add a delete.
     pub fn delete(&mut self, key: StorageKey) {
         self.writes.push(Write::Delete(key));
