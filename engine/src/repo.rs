@@ -1291,6 +1291,12 @@ mod tests {
         Repo::open(MemoryStorage::new(), config, ShareAll).unwrap()
     }
 
+    /// A repo over shared storage, to open again after dropping it.
+    fn repo_on(storage: &std::sync::Arc<MemoryStorage>) -> Repo<std::sync::Arc<MemoryStorage>> {
+        let config = RepoConfig::new(PeerId::new("t"));
+        Repo::open(storage.clone(), config, ShareAll).unwrap()
+    }
+
     /// A document made from a change built without a document is held as
     /// that change's bytes (not parsed), reads back, is stored as them at
     /// the flush with one local feed entry; building nothing does nothing,
@@ -1352,10 +1358,7 @@ mod tests {
     #[test]
     fn an_edit_is_stored_as_the_change_it_made() {
         let storage = std::sync::Arc::new(MemoryStorage::new());
-        let open = || {
-            let config = RepoConfig::new(PeerId::new("t"));
-            Repo::open(storage.clone(), config, ShareAll).unwrap()
-        };
+        let open = || repo_on(&storage);
         let mut repo = open();
         let id = DocumentId::random();
         repo.create_absent_with(id, CommitOptions::default(), |d| d.put(ROOT, "k", 1))
@@ -1399,10 +1402,7 @@ mod tests {
     #[test]
     fn purge_markers_are_found_after_reopening() {
         let storage = std::sync::Arc::new(MemoryStorage::new());
-        let open = || {
-            let config = RepoConfig::new(PeerId::new("t"));
-            Repo::open(storage.clone(), config, ShareAll).unwrap()
-        };
+        let open = || repo_on(&storage);
         let mut repo = open();
         let (kept, gone) = (DocumentId::random(), DocumentId::random());
         for id in [kept, gone] {
