@@ -485,14 +485,14 @@ impl<S: Storage> Repo<S> {
         id: DocumentId,
         first: impl FnOnce(&ActorId) -> Option<Change>,
     ) -> Result<bool, RepoError> {
-        if self.purge_marker(&id)?.is_some() {
-            return Err(RepoError::Purged(id));
-        }
         let actor = self.docs.actor();
         let built = catch_unwind(AssertUnwindSafe(|| {
             first(actor).map(|c| (c.raw_bytes().to_vec(), c.hash()))
         }));
         match built {
+            // Checked only once something is built: otherwise the caller's
+            // `create_absent_with` checks.
+            Ok(Some(_)) if self.purge_marker(&id)?.is_some() => Err(RepoError::Purged(id)),
             Ok(Some((bytes, hash))) => {
                 self.docs.insert_unloaded(id, bytes, vec![hash], false);
                 self.on_changed(id, Origin::Local, Vec::new(), vec![hash], None);
