@@ -62,7 +62,8 @@ fn drain_events<S: Storage>(repo: &mut Repo<S>, into: &mut Vec<Event>) {
     }
 }
 
-/// How many frames [`carry`] hands over before the receiving side flushes,
+/// How many frames, or commits waiting in the receiver (a batch frame
+/// carries many documents), before [`carry`] has the receiving side flush,
 /// as a network driver flushes after each batch it reads: the receiver then
 /// answers and stores what it was sent, and evicts the documents that took,
 /// so a link that moves 100,000 documents holds a bounded number of them in
@@ -94,7 +95,7 @@ fn carry<F: Storage, T: Storage>(
                 to.receive(0, to_conn, &frame)?;
                 moved = true;
                 since_flush += 1;
-                if since_flush == FLUSH_EVERY {
+                if since_flush == FLUSH_EVERY || to.unflushed_commits() >= FLUSH_EVERY {
                     to.flush()?;
                     since_flush = 0;
                 }

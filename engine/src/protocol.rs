@@ -15,6 +15,42 @@ use crate::{DocumentId, PeerId, StorageId};
 /// The only protocol version this implementation speaks.
 pub const PROTOCOL_VERSION: &str = "1";
 
+/// Tandem's extension that packs many `request` and `sync` messages into one
+/// [`Message::Batch`] frame. A peer offers it in `join` and the accepting
+/// peer accepts it in `peer` (both under `tandemExtensions`); only then do
+/// either send batches, so a plain automerge-repo peer never sees one.
+pub const BATCH_EXTENSION: &str = "batch";
+
+/// One `request` or `sync` message inside a [`Message::Batch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batched {
+    /// `request` (the sender does not have the document) rather than `sync`.
+    pub request: bool,
+    /// The document.
+    pub document_id: DocumentId,
+    /// An encoded automerge sync message.
+    pub data: Vec<u8>,
+}
+
+impl Batched {
+    /// What this entry adds to a batch frame's size: its array header, kind,
+    /// document id and data with their headers.
+    pub fn encoded_len(&self) -> usize {
+        1 + 1 + 17 + cbor_header_len(self.data.len()) + self.data.len()
+    }
+}
+
+/// The size of a CBOR head for a length or integer `n`.
+fn cbor_header_len(n: usize) -> usize {
+    match n {
+        0..=23 => 1,
+        24..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
 /// `peerMetadata` of `join` and `peer`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerMetadata {
@@ -47,6 +83,9 @@ pub enum Message {
         supported_protocol_versions: Vec<String>,
         /// Its metadata, if sent.
         metadata: Option<PeerMetadata>,
+        /// Tandem extensions it offers (`tandemExtensions`; empty for a
+        /// plain automerge-repo peer).
+        extensions: Vec<String>,
     },
     /// Accepting peer -> connecting peer: handshake accepted.
     Peer {
@@ -58,6 +97,8 @@ pub enum Message {
         selected_protocol_version: String,
         /// The accepting peer's metadata, if sent.
         metadata: Option<PeerMetadata>,
+        /// The offered Tandem extensions it accepts (`tandemExtensions`).
+        extensions: Vec<String>,
     },
     /// The sender is going away.
     Leave {
@@ -141,6 +182,17 @@ pub enum Message {
         /// The new heads per store.
         new_heads: Vec<RemoteHeads>,
     },
+    /// Tandem's extension ([`BATCH_EXTENSION`]): several `request` and
+    /// `sync` messages in one frame, in order, each with its document id as
+    /// 16 raw bytes. Only between peers that negotiated it.
+    Batch {
+        /// Sender.
+        sender_id: PeerId,
+        /// Target.
+        target_id: PeerId,
+        /// The messages, handled in order as if each came in a frame.
+        messages: Vec<Batched>,
+    },
 }
 
 impl Message {
@@ -157,6 +209,7 @@ impl Message {
             Message::Ephemeral { .. } => "ephemeral",
             Message::RemoteSubscriptionChange { .. } => "remote-subscription-change",
             Message::RemoteHeadsChanged { .. } => "remote-heads-changed",
+            Message::Batch { .. } => "tandem-batch",
         }
     }
 
@@ -180,6 +233,7 @@ impl Message {
                 sender_id,
                 supported_protocol_versions,
                 metadata,
+                extensions,
             } => {
                 m.text("senderId", sender_id.as_str());
                 m.put(
@@ -194,12 +248,14 @@ impl Message {
                 if let Some(md) = metadata {
                     m.put("peerMetadata", encode_metadata(md));
                 }
+                m.extensions(extensions);
             }
             Message::Peer {
                 sender_id,
                 target_id,
                 selected_protocol_version,
                 metadata,
+                extensions,
             } => {
                 m.text("senderId", sender_id.as_str());
                 m.text("targetId", target_id.as_str());
@@ -207,6 +263,7 @@ impl Message {
                 if let Some(md) = metadata {
                     m.put("peerMetadata", encode_metadata(md));
                 }
+                m.extensions(extensions);
             }
             Message::Leave { sender_id } => m.text("senderId", sender_id.as_str()),
             Message::Error {
@@ -300,6 +357,24 @@ impl Message {
                     .collect();
                 m.put("newHeads", Value::Map(entries));
             }
+            Message::Batch {
+                sender_id,
+                target_id,
+                messages,
+            } => {
+                m.routing(sender_id, target_id);
+                let entries = messages
+                    .iter()
+                    .map(|b| {
+                        Value::Array(vec![
+                            Value::Integer(u8::from(!b.request).into()),
+                            Value::Bytes(b.document_id.as_bytes().to_vec()),
+                            Value::Bytes(b.data.clone()),
+                        ])
+                    })
+                    .collect();
+                m.put("messages", Value::Array(entries));
+            }
         }
         m.finish()
     }
@@ -341,12 +416,14 @@ impl Message {
                     None => return Err(f.missing("supportedProtocolVersions")),
                 },
                 metadata: f.metadata()?,
+                extensions: f.extensions()?,
             },
             "peer" => Message::Peer {
                 sender_id: f.peer("senderId")?,
                 target_id: f.peer("targetId")?,
                 selected_protocol_version: f.req_text("selectedProtocolVersion")?,
                 metadata: f.metadata()?,
+                extensions: f.extensions()?,
             },
             "leave" => Message::Leave {
                 sender_id: f.peer("senderId")?,
@@ -407,6 +484,14 @@ impl Message {
                 document_id: f.document()?,
                 new_heads: f.new_heads()?,
             },
+            // The browser build neither offers nor accepts batches (its
+            // size budget), so a batch there is an unknown type.
+            #[cfg(not(target_arch = "wasm32"))]
+            "tandem-batch" => Message::Batch {
+                sender_id: f.peer("senderId")?,
+                target_id: f.peer("targetId")?,
+                messages: f.batched()?,
+            },
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         };
         Ok(msg)
@@ -446,6 +531,12 @@ impl MapBuilder {
     }
     fn text(&mut self, key: &str, value: &str) {
         self.put(key, Value::Text(value.into()));
+    }
+    fn extensions(&mut self, extensions: &[String]) {
+        if !extensions.is_empty() {
+            let names = extensions.iter().map(|e| Value::Text(e.clone())).collect();
+            self.put("tandemExtensions", Value::Array(names));
+        }
     }
     fn routing(&mut self, sender: &PeerId, target: &PeerId) {
         self.text("senderId", sender.as_str());
@@ -562,6 +653,56 @@ impl Fields<'_> {
             storage_id: inner.opt_text("storageId")?.map(StorageId::new),
             is_ephemeral,
         }))
+    }
+    /// `tandemExtensions`: absent for a plain peer.
+    fn extensions(&self) -> Result<Vec<String>, DecodeError> {
+        let field = "tandemExtensions";
+        match self.get(field) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => a.iter().map(|v| text_of(v, field)).collect(),
+            Some(_) => Err(invalid(field, "not an array")),
+        }
+    }
+    /// A batch's `messages`: each `[kind, documentId, data]`, kind 0 for
+    /// `request` and 1 for `sync`, the id as 16 bytes.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn batched(&self) -> Result<Vec<Batched>, DecodeError> {
+        let field = "messages";
+        let Some(Value::Array(entries)) = self.get(field) else {
+            return Err(match self.get(field) {
+                None => self.missing(field),
+                Some(_) => invalid(field, "not an array"),
+            });
+        };
+        entries
+            .iter()
+            .map(|entry| {
+                let Value::Array(parts) = untag(entry) else {
+                    return Err(invalid(field, "an entry is not an array"));
+                };
+                let [kind, id, data] = parts.as_slice() else {
+                    return Err(invalid(field, "an entry is not [kind, documentId, data]"));
+                };
+                let request = match untag(kind) {
+                    Value::Integer(i) if i128::from(*i) == 0 => true,
+                    Value::Integer(i) if i128::from(*i) == 1 => false,
+                    _ => return Err(invalid(field, "an entry's kind is not 0 or 1")),
+                };
+                let Value::Bytes(id) = untag(id) else {
+                    return Err(invalid(field, "an entry's document id is not bytes"));
+                };
+                let document_id = DocumentId::try_from_slice(id)
+                    .map_err(|e| invalid(field, format!("an entry's document id: {e}")))?;
+                let Value::Bytes(data) = untag(data) else {
+                    return Err(invalid(field, "an entry's data is not bytes"));
+                };
+                Ok(Batched {
+                    request,
+                    document_id,
+                    data: data.clone(),
+                })
+            })
+            .collect()
     }
     fn storage_ids(&self, field: &'static str) -> Result<Vec<StorageId>, DecodeError> {
         match self.get(field) {
@@ -888,12 +1029,14 @@ mod tests {
                     storage_id: Some(StorageId::new("s-a")),
                     is_ephemeral: false,
                 }),
+                extensions: vec![BATCH_EXTENSION.into()],
             },
             Message::Peer {
                 sender_id: b.clone(),
                 target_id: a.clone(),
                 selected_protocol_version: "1".into(),
                 metadata: Some(PeerMetadata::default()),
+                extensions: vec![],
             },
             Message::Leave {
                 sender_id: a.clone(),
@@ -935,8 +1078,8 @@ mod tests {
                 remove: vec![],
             },
             Message::RemoteHeadsChanged {
-                sender_id: b,
-                target_id: a,
+                sender_id: b.clone(),
+                target_id: a.clone(),
                 document_id: doc(),
                 new_heads: vec![RemoteHeads {
                     storage_id: StorageId::new("x"),
@@ -944,7 +1087,118 @@ mod tests {
                     timestamp: 1_700_000_000_123.0,
                 }],
             },
+            Message::Batch {
+                sender_id: b,
+                target_id: a,
+                messages: vec![
+                    Batched {
+                        request: true,
+                        document_id: doc(),
+                        data: vec![0x42, 1],
+                    },
+                    Batched {
+                        request: false,
+                        document_id: DocumentId::random(),
+                        data: vec![7; 300],
+                    },
+                ],
+            },
         ]
+    }
+
+    #[test]
+    fn a_batch_entry_knows_its_encoded_size() {
+        for len in [0, 23, 24, 255, 256, 65_535, 65_536] {
+            let entry = Batched {
+                request: false,
+                document_id: doc(),
+                data: vec![1; len],
+            };
+            let batch = |messages: Vec<Batched>| {
+                Message::Batch {
+                    sender_id: PeerId::new("a"),
+                    target_id: PeerId::new("b"),
+                    messages,
+                }
+                .encode()
+                .len()
+            };
+            // One entry more, array headers of the same size (1 and 2 entries).
+            let one = batch(vec![entry.clone()]);
+            let two = batch(vec![entry.clone(), entry.clone()]);
+            assert_eq!(two - one, entry.encoded_len(), "data of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn malformed_batches_are_errors() {
+        let batch = |messages: Value| {
+            cbor(map(vec![
+                ("type", Value::Text("tandem-batch".into())),
+                ("senderId", Value::Text("a".into())),
+                ("targetId", Value::Text("b".into())),
+                ("messages", messages),
+            ]))
+        };
+        let id = || Value::Bytes(doc().as_bytes().to_vec());
+        let entry = |parts: Vec<Value>| Value::Array(vec![Value::Array(parts)]);
+        let cases = [
+            ("not an array", Value::Bytes(vec![1])),
+            (
+                "an entry not an array",
+                Value::Array(vec![Value::Integer(1.into())]),
+            ),
+            ("two parts", entry(vec![Value::Integer(1.into()), id()])),
+            (
+                "kind 2",
+                entry(vec![Value::Integer(2.into()), id(), Value::Bytes(vec![])]),
+            ),
+            (
+                "id of 15 bytes",
+                entry(vec![
+                    Value::Integer(1.into()),
+                    Value::Bytes(vec![0; 15]),
+                    Value::Bytes(vec![]),
+                ]),
+            ),
+            (
+                "id as text",
+                entry(vec![
+                    Value::Integer(1.into()),
+                    Value::Text(doc().to_string()),
+                    Value::Bytes(vec![]),
+                ]),
+            ),
+            (
+                "data as text",
+                entry(vec![
+                    Value::Integer(1.into()),
+                    id(),
+                    Value::Text("x".into()),
+                ]),
+            ),
+        ];
+        for (what, messages) in cases {
+            assert!(
+                matches!(
+                    Message::decode(&batch(messages)),
+                    Err(DecodeError::InvalidField {
+                        field: "messages",
+                        ..
+                    })
+                ),
+                "{what}"
+            );
+        }
+        let ok = batch(entry(vec![
+            Value::Integer(0.into()),
+            id(),
+            Value::Bytes(vec![9]),
+        ]));
+        assert!(matches!(
+            Message::decode(&ok),
+            Ok(Message::Batch { messages, .. }) if messages[0].request && messages[0].data == [9]
+        ));
     }
 
     #[test]

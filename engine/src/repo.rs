@@ -34,7 +34,7 @@ use crate::documents::{Documents, DocumentsConfig, doc_prefix, panic_message};
 use crate::error::{RepoError, StorageError};
 use crate::feed::{ChangeFeed, FeedEvent, Origin, feed_key, last_seq, meta_key};
 use crate::policy::{Access, SharePolicy};
-use crate::protocol::Message;
+use crate::protocol::{Batched, Message};
 use crate::storage::{Storage, StorageKey, WriteBatch};
 use crate::{ConnectionId, DocumentId, PeerId, PeerInfo, StorageId};
 
@@ -69,6 +69,16 @@ pub struct RepoConfig {
     /// milliseconds (by the `now` of [`Repo::receive`] and [`Repo::tick`])
     /// gets the waiting changes anyway, one message per interval.
     pub sync_window_timeout: Millis,
+    /// Tandem's batch extension ([`crate::protocol::BATCH_EXTENSION`]): with
+    /// a peer that negotiated it, the `request` and `sync` messages one flush
+    /// makes for that peer go in batch frames of at most this many bytes of
+    /// messages (a larger message goes alone), instead of one frame each,
+    /// which saves most of a frame's envelope per document. Plain
+    /// automerge-repo peers never see a batch. 0 neither offers nor accepts
+    /// it. The default, 64 KiB, is far below a relay's `max_message_size`;
+    /// the browser build (wasm32) has no batch code (its size budget) and
+    /// always 0.
+    pub batch_bytes: usize,
 }
 
 impl RepoConfig {
@@ -82,8 +92,35 @@ impl RepoConfig {
             sync_state_interval: 0,
             sync_window: 0,
             sync_window_timeout: 250,
+            batch_bytes: if cfg!(target_arch = "wasm32") {
+                0
+            } else {
+                64 << 10
+            },
         }
     }
+}
+
+/// One generated message as a plain `request` or `sync` frame.
+fn single(me: &PeerId, peer: &PeerId, m: Batched) -> Vec<u8> {
+    let (sender_id, target_id) = (me.clone(), peer.clone());
+    let (document_id, data) = (m.document_id, m.data);
+    if m.request {
+        Message::Request {
+            sender_id,
+            target_id,
+            document_id,
+            data,
+        }
+    } else {
+        Message::Sync {
+            sender_id,
+            target_id,
+            document_id,
+            data,
+        }
+    }
+    .encode()
 }
 
 /// Something the driver must do or may want to know.
@@ -993,6 +1030,14 @@ impl<S: Storage> Repo<S> {
         Ok(FlushReport { evicted, ..report })
     }
 
+    /// Commits (local edits and received changes) waiting for the next
+    /// [`flush`](Self::flush): a driver that reads many frames before it
+    /// flushes can flush sooner when this grows (a batch frame may carry
+    /// hundreds of documents).
+    pub fn unflushed_commits(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Advance the clock (`now` as in [`Repo::receive`]) without input, so
     /// that the next flush sends what flow control held back longer than
     /// [`RepoConfig::sync_window_timeout`].
@@ -1017,6 +1062,7 @@ impl<S: Storage> Repo<S> {
         // distinct state is generated once per flush.
         let mut generated: HashMap<(DocumentId, u64), Vec<Generated>> = HashMap::new();
         let to_sync = std::mem::take(&mut self.to_sync);
+        let mut sends = Vec::new();
         // Only a document synced with several connections in this flush can
         // meet the same state twice: the others (every document of a replica
         // catching up, say) skip hashing and keeping their states.
@@ -1085,16 +1131,14 @@ impl<S: Storage> Repo<S> {
                         pd.in_flight.push_back(heads);
                         pd.last_sent = self.now;
                     }
-                    let frame = Message::Sync {
-                        sender_id: self.config.peer_id.clone(),
-                        target_id: peer.peer_id.clone(),
-                        document_id: id,
-                        data: message.encode(),
-                    };
-                    self.outputs.push_back(Output::Send {
-                        connection: cid,
-                        frame: frame.encode(),
-                    });
+                    sends.push((
+                        cid,
+                        Batched {
+                            request: false,
+                            document_id: id,
+                            data: message.encode(),
+                        },
+                    ));
                 }
                 continue;
             }
@@ -1159,30 +1203,93 @@ impl<S: Storage> Repo<S> {
                 pd.in_flight.push_back(doc.get_heads());
                 pd.last_sent = self.now;
             }
-            let me = self.config.peer_id.clone();
-            for data in messages {
-                let msg = if empty && !pd.received {
-                    Message::Request {
-                        sender_id: me.clone(),
-                        target_id: peer.peer_id.clone(),
+            let request = empty && !pd.received;
+            sends.extend(messages.into_iter().map(|data| {
+                (
+                    cid,
+                    Batched {
+                        request,
                         document_id: id,
                         data,
-                    }
-                } else {
-                    Message::Sync {
-                        sender_id: me.clone(),
-                        target_id: peer.peer_id.clone(),
-                        document_id: id,
-                        data,
-                    }
-                };
+                    },
+                )
+            }));
+        }
+        self.to_sync.extend(held);
+        self.send_generated(sends);
+    }
+
+    /// Queue the frames of what [`Self::generate_sync_messages`] made, in
+    /// order per connection: a frame each for a plain peer; batch frames
+    /// for one that negotiated the extension (a lone message goes as a
+    /// plain frame, which a relay can merge with the next ones).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn send_generated(&mut self, sends: Vec<(ConnectionId, Batched)>) {
+        let me = &self.config.peer_id;
+        let mut batches: BTreeMap<ConnectionId, Vec<Batched>> = BTreeMap::new();
+        for (cid, m) in sends {
+            let Some(conn) = self.conns.get(&cid) else {
+                continue;
+            };
+            if conn.batch {
+                batches.entry(cid).or_default().push(m);
+            } else if let ConnState::Ready(peer) = &conn.state {
+                let frame = single(me, &peer.peer_id, m);
                 self.outputs.push_back(Output::Send {
                     connection: cid,
-                    frame: msg.encode(),
+                    frame,
                 });
             }
         }
-        self.to_sync.extend(held);
+        for (cid, messages) in batches {
+            let Some(ConnState::Ready(peer)) = self.conns.get(&cid).map(|c| &c.state) else {
+                continue;
+            };
+            let mut frames = Vec::new();
+            let mut group: Vec<Batched> = Vec::new();
+            let mut size = 0;
+            let close = |group: &mut Vec<Batched>, frames: &mut Vec<Vec<u8>>| match group.len() {
+                0 => {}
+                1 => frames.push(single(me, &peer.peer_id, group.pop().expect("one"))),
+                _ => frames.push(
+                    Message::Batch {
+                        sender_id: me.clone(),
+                        target_id: peer.peer_id.clone(),
+                        messages: std::mem::take(group),
+                    }
+                    .encode(),
+                ),
+            };
+            for m in messages {
+                let len = m.encoded_len();
+                if !group.is_empty() && size + len > self.config.batch_bytes {
+                    close(&mut group, &mut frames);
+                    size = 0;
+                }
+                size += len;
+                group.push(m);
+            }
+            close(&mut group, &mut frames);
+            self.outputs
+                .extend(frames.into_iter().map(|frame| Output::Send {
+                    connection: cid,
+                    frame,
+                }));
+        }
+    }
+
+    /// The browser build's: a frame each (it never negotiates batches).
+    #[cfg(target_arch = "wasm32")]
+    fn send_generated(&mut self, sends: Vec<(ConnectionId, Batched)>) {
+        for (cid, m) in sends {
+            if let Some(ConnState::Ready(peer)) = self.conns.get(&cid).map(|c| &c.state) {
+                let frame = single(&self.config.peer_id, &peer.peer_id, m);
+                self.outputs.push_back(Output::Send {
+                    connection: cid,
+                    frame,
+                });
+            }
+        }
     }
 
     /// The next thing for the driver to do, if any.

@@ -93,6 +93,7 @@ fn join(name: &str) -> Vec<u8> {
         sender_id: PeerId::new(name),
         supported_protocol_versions: vec!["1".into()],
         metadata: Some(PeerMetadata::default()),
+        extensions: vec![],
     }
     .encode()
 }
@@ -1162,6 +1163,7 @@ fn malformed_frames_get_an_error_and_a_close_and_nothing_else_breaks() {
         sender_id: PeerId::new("bad"),
         supported_protocol_versions: vec!["0".into()],
         metadata: None,
+        extensions: vec![],
     }
     .encode();
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
@@ -1322,4 +1324,231 @@ fn a_panic_is_contained_and_the_document_quarantined() {
     // Released, the document reloads its durable state (the panicking change never landed).
     assert!(r.release_quarantine(&doc));
     assert_eq!(get(&mut r, &doc, "x"), Some(1));
+}
+
+// ---- Tandem's batch extension ---------------------------------------------
+
+/// A plain automerge-repo `request` for `doc` (what a peer without the
+/// document sends).
+fn request_frame(from: &str, doc: DocumentId) -> Vec<u8> {
+    use automerge::sync::SyncDoc;
+    let data = automerge::Automerge::new()
+        .generate_sync_message(&mut automerge::sync::State::new())
+        .expect("a first message")
+        .encode();
+    Message::Request {
+        sender_id: PeerId::new(from),
+        target_id: PeerId::new("server"),
+        document_id: doc,
+        data,
+    }
+    .encode()
+}
+
+/// Two Tandem repos negotiate the batch extension and move many documents
+/// in a few frames; with it switched off on either side they speak plain
+/// protocol v1, a frame per message, and end the same.
+#[test]
+fn tandem_peers_batch_their_messages_and_either_side_can_decline() {
+    let run = |server_batch: usize, client_batch: usize| {
+        let mut hub = Repo::open(
+            MemoryStorage::new(),
+            RepoConfig {
+                batch_bytes: server_batch,
+                ..config("server")
+            },
+            ServeOnRequest,
+        )
+        .unwrap();
+        let docs = numbered(&mut hub, 300);
+        hub.flush().unwrap();
+        let mut fresh = Repo::open(
+            MemoryStorage::new(),
+            RepoConfig {
+                batch_bytes: client_batch,
+                ..config("fresh")
+            },
+            ShareAll,
+        )
+        .unwrap();
+        for doc in &docs {
+            fresh.request(*doc).unwrap();
+        }
+        let report = sync_in_process(&mut fresh, &mut hub, 50).unwrap();
+        for (i, doc) in docs.iter().enumerate() {
+            assert_eq!(get(&mut fresh, doc, "n"), Some(i as i64));
+        }
+        report
+    };
+    let plain = run(64 << 10, 0);
+    assert!(
+        plain.frames.0 >= 600 && plain.frames.1 >= 300,
+        "declined: a frame per request and acknowledgement, per answer ({:?})",
+        plain.frames
+    );
+    assert_eq!(
+        run(0, 64 << 10).frames,
+        plain.frames,
+        "declined by the server"
+    );
+    let batched = run(64 << 10, 64 << 10);
+    // join, the requests, the acknowledgements; peer, the answers.
+    assert!(
+        batched.frames.0 <= 4 && batched.frames.1 <= 3,
+        "{:?}",
+        batched.frames
+    );
+    let (b, p) = (
+        batched.bytes.0 + batched.bytes.1,
+        plain.bytes.0 + plain.bytes.1,
+    );
+    assert!(b * 10 < p * 7, "batched {b} bytes against {p} plain");
+    // Small batches: more frames, none over the limit but for its envelope.
+    let small = run(2_000, 64 << 10);
+    assert!(small.frames.1 > 10, "{:?}", small.frames);
+}
+
+/// A batch frame holds at most `batch_bytes` of messages, each as it would
+/// go alone; a plain peer gets only plain frames.
+#[test]
+fn batches_respect_their_size_and_plain_peers_never_see_one() {
+    let mut hub = Repo::open(
+        MemoryStorage::new(),
+        RepoConfig {
+            batch_bytes: 1_500,
+            ..config("server")
+        },
+        ServeOnRequest,
+    )
+    .unwrap();
+    let docs = numbered(&mut hub, 40);
+    hub.flush().unwrap();
+    let plain = joined(&mut hub, 1, "plain");
+    let tandem = ConnectionId(2);
+    hub.connect(tandem, Direction::Incoming).unwrap();
+    let offer = Message::Join {
+        sender_id: PeerId::new("tandem"),
+        supported_protocol_versions: vec!["1".into()],
+        metadata: None,
+        extensions: vec!["batch".into()],
+    };
+    hub.receive(0, tandem, &offer.encode()).unwrap();
+    let out = hub.drain_outputs();
+    assert!(matches!(
+        sends(&out, tandem).as_slice(),
+        [Message::Peer { extensions, .. }] if extensions == &["batch".to_string()]
+    ));
+    for doc in &docs {
+        hub.receive(0, plain, &request_frame("plain", *doc))
+            .unwrap();
+        hub.receive(0, tandem, &request_frame("tandem", *doc))
+            .unwrap();
+    }
+    hub.flush().unwrap();
+    let out = hub.drain_outputs();
+    let to_plain = sends(&out, plain);
+    assert_eq!(to_plain.len(), 40);
+    assert!(to_plain.iter().all(|m| matches!(m, Message::Sync { .. })));
+    let mut answered = Vec::new();
+    let to_tandem = sends(&out, tandem);
+    assert!(
+        to_tandem.len() > 1 && to_tandem.len() < 40,
+        "{}",
+        to_tandem.len()
+    );
+    for m in to_tandem {
+        match m {
+            Message::Batch { messages, .. } => {
+                let size: usize = messages.iter().map(|m| m.encoded_len()).sum();
+                assert!(size <= 1_500, "a batch of {size} bytes");
+                assert!(messages.iter().all(|m| !m.request));
+                answered.extend(messages.iter().map(|m| m.document_id));
+            }
+            Message::Sync { document_id, .. } => answered.push(document_id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    answered.sort();
+    let mut expected = docs.clone();
+    expected.sort();
+    assert_eq!(answered, expected, "every document once");
+}
+
+/// A batch from a peer that did not negotiate the extension is refused, as
+/// is one whose message is bad; the messages before a bad one count, the
+/// ones after it do not, and other peers go on.
+#[test]
+fn a_batch_is_refused_unless_negotiated_and_stops_at_a_bad_message() {
+    use tandem_engine::protocol::Batched;
+    let mut hub = server();
+    let docs = numbered(&mut hub, 3);
+    hub.flush().unwrap();
+    let entry = |doc: DocumentId, data: Vec<u8>| Batched {
+        request: true,
+        document_id: doc,
+        data,
+    };
+    let Message::Request { data: good, .. } =
+        Message::decode(&request_frame("x", docs[0])).unwrap()
+    else {
+        unreachable!()
+    };
+    let batch = |messages: Vec<Batched>| {
+        Message::Batch {
+            sender_id: PeerId::new("peer"),
+            target_id: PeerId::new("server"),
+            messages,
+        }
+        .encode()
+    };
+
+    let plain = joined(&mut hub, 1, "plain");
+    hub.receive(0, plain, &batch(vec![entry(docs[0], good.clone())]))
+        .unwrap();
+    let out = hub.drain_outputs();
+    match sends(&out, plain).last() {
+        Some(Message::Error { message, .. }) => {
+            assert!(message.contains("not negotiated"), "{message}")
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    assert!(closed(&out, plain));
+
+    let tandem = ConnectionId(2);
+    hub.connect(tandem, Direction::Incoming).unwrap();
+    let offer = Message::Join {
+        sender_id: PeerId::new("tandem"),
+        supported_protocol_versions: vec!["1".into()],
+        metadata: None,
+        extensions: vec!["batch".into()],
+    };
+    hub.receive(0, tandem, &offer.encode()).unwrap();
+    hub.drain_outputs();
+    hub.receive(
+        0,
+        tandem,
+        &batch(vec![
+            entry(docs[0], good.clone()),
+            entry(docs[1], vec![0x42, 0xff, 0xff, 0x00, 0x13]),
+            entry(docs[2], good.clone()),
+        ]),
+    )
+    .unwrap();
+    let out = hub.drain_outputs();
+    assert!(closed(&out, tandem));
+    assert!(matches!(
+        sends(&out, tandem).last(),
+        Some(Message::Error { .. })
+    ));
+    assert!(hub.peers().is_empty());
+    // The hub still serves: a new plain peer gets its document.
+    let again = joined(&mut hub, 3, "again");
+    hub.receive(0, again, &request_frame("again", docs[2]))
+        .unwrap();
+    hub.flush().unwrap();
+    let out = hub.drain_outputs();
+    assert!(matches!(
+        sends(&out, again).as_slice(),
+        [Message::Sync { document_id, .. }] if *document_id == docs[2]
+    ));
 }

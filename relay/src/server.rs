@@ -429,6 +429,12 @@ impl Ctx {
 /// holds sync messages back (see `Repo::has_held_sync`).
 const HELD_TICK: Duration = Duration::from_millis(50);
 
+/// Bytes of frames handled before each flush at most, beside
+/// [`RelayConfig::max_batch`] frames: a Tandem peer's batch frame (the
+/// engine's `batch_bytes`, 64 KiB) carries hundreds of documents, so
+/// counting frames alone would let one flush take in hundreds of thousands.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
 async fn repo_task<S: Storage>(
     mut repo: Repo<S>,
     mut rx: mpsc::Receiver<Input>,
@@ -468,9 +474,17 @@ async fn repo_task<S: Storage>(
             }
         };
         inputs.extend(first.map(Some));
-        while inputs.len() < max_batch {
+        let size = |input: &Input| match input {
+            Input::Frame { bytes, .. } => bytes.len(),
+            _ => 0,
+        };
+        let mut bytes: usize = inputs.iter().flatten().map(size).sum();
+        while inputs.len() < max_batch && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(input) => inputs.push(Some(input)),
+                Ok(input) => {
+                    bytes += size(&input);
+                    inputs.push(Some(input));
+                }
                 Err(_) => break,
             }
         }

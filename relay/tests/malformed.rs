@@ -30,6 +30,7 @@ fn join(name: &str) -> Vec<u8> {
         sender_id: PeerId::new(name),
         supported_protocol_versions: vec!["1".into()],
         metadata: None,
+        extensions: vec![],
     }
     .encode()
 }

@@ -80,6 +80,8 @@ pub(crate) struct Connection {
     pub(crate) docs: HashMap<DocumentId, PeerDoc>,
     /// Stores whose heads this peer asked to hear about.
     pub(crate) remote_subs: BTreeSet<StorageId>,
+    /// Both sides negotiated Tandem's batch extension.
+    pub(crate) batch: bool,
 }
 
 impl Connection {
@@ -88,6 +90,7 @@ impl Connection {
             state,
             docs: HashMap::new(),
             remote_subs: BTreeSet::new(),
+            batch: false,
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::documents::panic_message;
 use crate::error::{DecodeError, RepoError};
 use crate::feed::Origin;
 use crate::policy::Access;
-use crate::protocol::{Message, PROTOCOL_VERSION, PeerMetadata, RemoteHeads};
+use crate::protocol::{BATCH_EXTENSION, Message, PROTOCOL_VERSION, PeerMetadata, RemoteHeads};
 use crate::storage::{Storage, WriteBatch};
 use crate::{ConnectionId, DocumentId, PeerId, PeerInfo};
 
@@ -50,6 +50,7 @@ impl<S: Storage> Repo<S> {
                     sender_id: self.config.peer_id.clone(),
                     supported_protocol_versions: vec![PROTOCOL_VERSION.into()],
                     metadata: Some(self.metadata()),
+                    extensions: self.extensions(),
                 };
                 self.outputs.push_back(Output::Send {
                     connection: id,
@@ -148,6 +149,23 @@ impl<S: Storage> Repo<S> {
         }
     }
 
+    /// The Tandem extensions this repo offers and accepts.
+    fn extensions(&self) -> Vec<String> {
+        if self.config.batch_bytes > 0 && cfg!(not(target_arch = "wasm32")) {
+            vec![BATCH_EXTENSION.into()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Whether `theirs` (a peer's `tandemExtensions`) and ours both have
+    /// the batch extension.
+    fn batches_with(&self, theirs: &[String]) -> bool {
+        self.config.batch_bytes > 0
+            && cfg!(not(target_arch = "wasm32"))
+            && theirs.iter().any(|e| e == BATCH_EXTENSION)
+    }
+
     /// A frame arrived on a connection. Malformed or unexpected frames get an
     /// `error` frame and a close; they never panic or disturb other peers.
     pub fn receive(
@@ -179,6 +197,7 @@ impl<S: Storage> Repo<S> {
                     sender_id,
                     supported_protocol_versions,
                     metadata,
+                    extensions,
                 },
             ) => {
                 if !supported_protocol_versions
@@ -193,17 +212,23 @@ impl<S: Storage> Repo<S> {
                     );
                     return Ok(());
                 }
+                let batch = self.batches_with(&extensions);
                 let peer = Message::Peer {
                     sender_id: self.config.peer_id.clone(),
                     target_id: sender_id.clone(),
                     selected_protocol_version: PROTOCOL_VERSION.into(),
                     metadata: Some(self.metadata()),
+                    extensions: if batch {
+                        vec![BATCH_EXTENSION.into()]
+                    } else {
+                        Vec::new()
+                    },
                 };
                 self.outputs.push_back(Output::Send {
                     connection: id,
                     frame: peer.encode(),
                 });
-                self.ready(id, sender_id, metadata.unwrap_or_default());
+                self.ready(id, sender_id, metadata.unwrap_or_default(), batch);
             }
             (
                 ConnState::AwaitingPeer,
@@ -211,6 +236,7 @@ impl<S: Storage> Repo<S> {
                     sender_id,
                     selected_protocol_version,
                     metadata,
+                    extensions,
                     ..
                 },
             ) => {
@@ -221,7 +247,9 @@ impl<S: Storage> Repo<S> {
                     );
                     return Ok(());
                 }
-                self.ready(id, sender_id, metadata.unwrap_or_default());
+                // We offered what we accept, so the peer's word is the answer.
+                let batch = self.batches_with(&extensions);
+                self.ready(id, sender_id, metadata.unwrap_or_default(), batch);
             }
             (_, Message::Error { message, .. }) => {
                 self.outputs.push_back(Output::Event(Event::ProtocolError {
@@ -252,7 +280,7 @@ impl<S: Storage> Repo<S> {
         Ok(())
     }
 
-    fn ready(&mut self, id: ConnectionId, peer_id: PeerId, metadata: PeerMetadata) {
+    fn ready(&mut self, id: ConnectionId, peer_id: PeerId, metadata: PeerMetadata, batch: bool) {
         let info = PeerInfo {
             connection: id,
             peer_id,
@@ -261,6 +289,7 @@ impl<S: Storage> Repo<S> {
         };
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.state = ConnState::Ready(info.clone());
+            conn.batch = batch;
         }
         let offered = self
             .active
@@ -287,6 +316,24 @@ impl<S: Storage> Repo<S> {
             Message::Request {
                 document_id, data, ..
             } => self.receive_sync(cid, &peer, document_id, &data, true),
+            #[cfg(not(target_arch = "wasm32"))]
+            Message::Batch { messages, .. } => {
+                if !self.conns[&cid].batch {
+                    self.fail(
+                        cid,
+                        "unexpected tandem-batch: the extension was not negotiated".into(),
+                    );
+                    return Ok(());
+                }
+                for m in messages {
+                    self.receive_sync(cid, &peer, m.document_id, &m.data, m.request)?;
+                    // A bad message closes the connection: drop the rest.
+                    if !self.conns.contains_key(&cid) {
+                        break;
+                    }
+                }
+                Ok(())
+            }
             Message::DocUnavailable { document_id, .. } => {
                 self.outputs
                     .push_back(Output::Event(Event::DocumentUnavailable {
@@ -330,6 +377,12 @@ impl<S: Storage> Repo<S> {
                     }));
                 }
                 self.gossip_heads(Some(cid), document_id, new_heads);
+                Ok(())
+            }
+            // The browser build decodes no batch (see `Message::decode`).
+            #[cfg(target_arch = "wasm32")]
+            other @ Message::Batch { .. } => {
+                self.fail(cid, format!("unexpected {}", other.type_name()));
                 Ok(())
             }
             other @ (Message::Join { .. } | Message::Peer { .. }) => {
