@@ -619,7 +619,7 @@ struct Sent {
 /// Connect `a` (outgoing) and `b` (incoming) and run each on a thread of its
 /// own, frames crossing over channels, until neither has anything in
 /// flight: as a replica and a server in two processes would. Each side
-/// handles up to 1,000 frames that have arrived, flushes (which stores what
+/// handles up to 1,000 frames (or 1 MiB of them) that have arrived, flushes (which stores what
 /// came and answers it) and sends what that produced, as a network driver
 /// does; then both disconnect and flush.
 fn sync_on_two_threads<A: Storage + Send, B: Storage + Send>(
@@ -669,8 +669,14 @@ fn sync_on_two_threads<A: Storage + Send, B: Storage + Send>(
         loop {
             match from.recv_timeout(Duration::from_millis(1)) {
                 Ok(frame) => {
+                    // Up to 1,000 frames or 1 MiB, as the relay reads.
+                    let mut size = frame.len();
                     let mut batch = vec![frame];
-                    batch.extend(from.try_iter().take(999));
+                    while batch.len() < 1_000 && size < 1 << 20 {
+                        let Ok(next) = from.try_recv() else { break };
+                        size += next.len();
+                        batch.push(next);
+                    }
                     for frame in &batch {
                         repo.receive(0, conn, frame).unwrap();
                     }

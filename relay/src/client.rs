@@ -75,6 +75,10 @@ use crate::server::now_ms;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Bytes of received frames handled before each flush at most, beside
+/// [`ClientConfig::max_batch`] steps (as the relay bounds its own).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
 /// How the client connects and retries.
 #[derive(Clone)]
 pub struct ClientConfig {
@@ -704,7 +708,10 @@ impl<S: Storage + 'static> Driver<S> {
                     }
                     Step::Link(e) => self.link_event(e),
                 }
-                if handled < self.config.max_batch {
+                // Frames are counted and weighed: a relay's batch frame
+                // carries hundreds of documents.
+                let inbox_bytes: usize = self.inbox.iter().map(Vec::len).sum();
+                if handled < self.config.max_batch && inbox_bytes < MAX_BATCH_BYTES {
                     next = match rx.try_recv() {
                         Ok(c) => Some(Step::Command(c)),
                         Err(_) => self.link.ready().map(Step::Link),

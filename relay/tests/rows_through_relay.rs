@@ -160,3 +160,85 @@ async fn three_clients_edit_the_same_rows_with_one_offline_and_converge() {
     }
     relay.stop().await;
 }
+
+/// The relay's counter `name` (Prometheus text).
+fn counter(stats: &tandem_relay::RelayStats, name: &str) -> f64 {
+    let text = stats.render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+}
+
+fn frames(stats: &tandem_relay::RelayStats) -> f64 {
+    counter(stats, "tandem_frames_in_total") + counter(stats, "tandem_frames_out_total")
+}
+
+/// Native clients and the relay negotiate Tandem's batch extension over
+/// real sockets: 400 rows go up and come down to a new replica in a few
+/// dozen frames rather than a few per row. A client that declines it
+/// (`batch_bytes: 0`) is served plain frames and ends with the same rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_clients_move_many_rows_in_batch_frames_and_a_plain_one_still_syncs() {
+    const ROWS: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let stats = std::sync::Arc::new(tandem_relay::RelayStats::default());
+    let config = RelayConfig {
+        stats: stats.clone(),
+        ..RelayConfig::default()
+    };
+    let relay = start(server_repo(&dir, ServeOnRequest), config).await;
+    let a = client(dir.path(), "a", &relay.url);
+    a.sync_table("tasks").await.unwrap();
+    a.rows(|rows| {
+        let mut t = rows.table("tasks");
+        for i in 0..ROWS {
+            t.insert(&format!("r{i:03}"), [("n", Value::Int(i as i64))])?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let d = client(dir.path(), "d", &relay.url);
+    d.sync_table("tasks").await.unwrap();
+    wait_until("d to discover a's rows", 30, || async {
+        scan(&d).await.len() == ROWS
+    })
+    .await;
+    let batched = frames(&stats);
+    eprintln!("batched: {batched} frames");
+    // Plain frames: a request, an answer and an acknowledgement per row for
+    // d alone, beside a's uploads.
+    assert!(
+        batched < ROWS as f64,
+        "{batched} frames in and out for {ROWS} rows up and down"
+    );
+
+    let repo = Repo::open(
+        RedbStorage::open(dir.path().join("plain.redb")).unwrap(),
+        RepoConfig {
+            batch_bytes: 0,
+            ..RepoConfig::new(PeerId::new("plain"))
+        },
+        ShareAll,
+    )
+    .unwrap();
+    let mut rows = Rows::with_system_clock(repo);
+    rows.define(schema());
+    let plain = Client::start_rows(rows, &relay.url, ClientConfig::default()).unwrap();
+    plain.sync_table("tasks").await.unwrap();
+    wait_until("the plain client to discover the rows", 30, || async {
+        scan(&plain).await.len() == ROWS
+    })
+    .await;
+    let added = frames(&stats) - batched;
+    // At the least a request and an answer per row.
+    assert!(
+        added >= 2.0 * ROWS as f64,
+        "{added} frames for a plain client's {ROWS} rows"
+    );
+    assert_eq!(scan(&plain).await, scan(&d).await);
+    for x in [a, d, plain] {
+        x.shutdown().await.unwrap();
+    }
+    relay.stop().await;
+}
