@@ -1000,7 +1000,7 @@ impl<S: Storage> Repo<S> {
             evicted: 0,
         };
         if !batch.is_empty()
-            && let Err(e) = self.docs.storage.commit(&batch)
+            && let Err(e) = self.docs.storage.commit_owned(batch)
         {
             let lost = self.docs.discard(&plans);
             for conn in self.conns.values_mut() {

@@ -127,6 +127,11 @@ impl WriteBatch {
         &self.writes
     }
 
+    /// The writes, taken out of the batch.
+    pub fn into_writes(self) -> Vec<Write> {
+        self.writes
+    }
+
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
@@ -167,6 +172,13 @@ pub trait Storage: Send + Sync {
     /// Apply a batch atomically and durably.
     fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError>;
 
+    /// [`commit`](Self::commit), taking the batch: a backend that keeps
+    /// what it writes (a log read before the tree) takes the values without
+    /// copying them. The default commits by reference.
+    fn commit_owned(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.commit(&batch)
+    }
+
     /// The entry with the greatest key under `prefix`. The default scans the
     /// whole prefix; backends override it with a reverse lookup.
     fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
@@ -189,6 +201,9 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
         (**self).commit(batch)
     }
+    fn commit_owned(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        (**self).commit_owned(batch)
+    }
     fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
         (**self).last(prefix)
     }
@@ -208,6 +223,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
         (**self).commit(batch)
+    }
+    fn commit_owned(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        (**self).commit_owned(batch)
     }
     fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
         (**self).last(prefix)

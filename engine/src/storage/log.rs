@@ -68,22 +68,50 @@ pub(crate) fn logged_writes(batch: &WriteBatch) -> Vec<LoggedWrite> {
         .collect()
 }
 
+/// [`logged_writes`] of a batch taken whole: the values are moved, not
+/// copied (a flush of 1,000 new rows holds about 300 KB of them).
+pub(crate) fn logged_writes_owned(batch: WriteBatch) -> Vec<LoggedWrite> {
+    batch
+        .into_writes()
+        .into_iter()
+        .map(|write| match write {
+            Write::Put(k, v) => (k.encode(), Some(v)),
+            Write::Delete(k) => (k.encode(), None),
+        })
+        .collect()
+}
+
 /// Encode a batch's writes as one record with sequence number `seq`.
+#[cfg(test)]
 pub(crate) fn encode_record(seq: u64, writes: &[LoggedWrite]) -> Result<Vec<u8>, StorageError> {
-    // Sized up front: a flush of 1,000 new rows is a record of about
-    // 350 KB, which grown by doubling cost a twentieth of a batched insert.
+    let mut out = Vec::new();
+    encode_record_into(&mut out, seq, writes)?;
+    Ok(out)
+}
+
+/// [`encode_record`] into `out` (cleared first), a buffer the caller keeps
+/// from one commit to the next: a flush of 1,000 new rows is a record of
+/// about 350 KB, and a fresh buffer of that size each time (new pages for
+/// the allocator and the kernel to hand out) cost about 4% of a batched
+/// insert; grown by doubling, a twentieth.
+pub(crate) fn encode_record_into(
+    out: &mut Vec<u8>,
+    seq: u64,
+    writes: &[LoggedWrite],
+) -> Result<(), StorageError> {
     let size = HEADER
         + writes
             .iter()
             .map(|(k, v)| 1 + 4 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len()))
             .sum::<usize>();
-    let mut out = Vec::with_capacity(size);
+    out.clear();
+    out.reserve(size);
     out.resize(HEADER, 0);
     for (key, value) in writes {
         out.push(if value.is_some() { PUT } else { DELETE });
-        put_bytes(&mut out, key)?;
+        put_bytes(out, key)?;
         if let Some(value) = value {
-            put_bytes(&mut out, value)?;
+            put_bytes(out, value)?;
         }
     }
     let len = u32::try_from(out.len() - HEADER).map_err(|_| too_big(out.len()))?;
@@ -91,7 +119,7 @@ pub(crate) fn encode_record(seq: u64, writes: &[LoggedWrite]) -> Result<Vec<u8>,
     out[8..16].copy_from_slice(&seq.to_le_bytes());
     let crc = crc32fast::hash(&out[4..]);
     out[0..4].copy_from_slice(&crc.to_le_bytes());
-    Ok(out)
+    Ok(())
 }
 
 fn too_big(n: usize) -> StorageError {
