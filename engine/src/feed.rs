@@ -66,10 +66,19 @@ const ENTRY_V1: u8 = 1;
 const ENTRY_V2: u8 = 2;
 
 impl FeedEvent {
-    /// A compact fixed layout (this is written once per commit, on the hot
-    /// path): `[2][doc: 16][origin len: u16 BE][origin][head count: u16 BE][heads: 32 each]
-    /// [before count: u16 BE][before heads: 32 each]`, origin length 0 meaning local.
+    /// The entry alone, as [`encode_into`](Self::encode_into) writes it.
+    #[cfg(test)]
     pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Append the entry to `out` (a flush writes its events as one block)
+    /// in a compact fixed layout (this is written once per commit, on the
+    /// hot path): `[2][doc: 16][origin len: u16 BE][origin][head count: u16 BE][heads: 32 each]
+    /// [before count: u16 BE][before heads: 32 each]`, origin length 0 meaning local.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
         let origin = match &self.origin {
             Origin::Local => "",
             Origin::Remote(p) => p.as_str(),
@@ -77,9 +86,7 @@ impl FeedEvent {
         let origin = &origin.as_bytes()[..origin.len().min(u16::MAX as usize)];
         let heads = &self.heads[..self.heads.len().min(u16::MAX as usize)];
         let before = &self.before[..self.before.len().min(u16::MAX as usize)];
-        let mut out = Vec::with_capacity(
-            1 + 16 + 2 + origin.len() + 2 + 32 * heads.len() + 2 + 32 * before.len(),
-        );
+        out.reserve(1 + 16 + 2 + origin.len() + 2 + 32 * heads.len() + 2 + 32 * before.len());
         out.push(ENTRY_V2);
         out.extend_from_slice(self.document.as_bytes());
         out.extend_from_slice(&(origin.len() as u16).to_be_bytes());
@@ -90,7 +97,6 @@ impl FeedEvent {
                 out.extend_from_slice(&h.0);
             }
         }
-        out
     }
 
     /// Decode one entry from the front of `bytes`, advancing past it.

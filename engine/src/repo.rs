@@ -969,7 +969,7 @@ impl<S: Storage> Repo<S> {
                 heads: p.heads,
                 before: p.before,
             };
-            block.extend(event.encode());
+            event.encode_into(&mut block);
             events.push(event);
         }
         if let Some(last) = events.last() {

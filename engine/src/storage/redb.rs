@@ -18,8 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use fastbloom::BloomFilter;
 use itertools::{Either, EitherOrBoth, Itertools as _};
-use redb::{Database, ReadOnlyTable, ReadableDatabase, TableDefinition};
+use redb::{
+    Database, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
 
 use super::log::{
     LogFile, LoggedWrite, encode_record_into, logged_writes, logged_writes_owned, read_records,
@@ -81,6 +85,66 @@ struct Log {
     /// The buffer records are encoded in, kept from one commit to the next
     /// (up to [`RECORD_BUFFER`] bytes).
     record: Vec<u8>,
+    /// Which documents the store surely lacks.
+    absent: Absent,
+}
+
+/// Scans that find nothing before [`Absent`] builds its filter (a few in
+/// the unit tests, so that they all run with it).
+const MISSES_BEFORE_FILTER: usize = if cfg!(test) { 3 } else { 256 };
+
+/// Which first key components (document ids, for the engine's keys) no key
+/// in the store has: a Bloom filter of the first component of every key,
+/// so a scan, `get` or `last` under one it lacks answers without reading
+/// redb. A new row is looked up before it is created, and that lookup, a
+/// descent of redb's tree that finds nothing, was a ninth of a batched
+/// insert's time.
+///
+/// The filter is built from the table and the log once
+/// [`MISSES_BEFORE_FILTER`] scans have found nothing (a store that is only
+/// read never builds it), under the log's lock, and every commit then adds
+/// its keys before they are written, so no key is ever missing from it.
+/// It is sized for twice the keys it starts with and dropped when more are
+/// added (the next miss builds it again, larger). Deleted keys stay in it:
+/// they only cost a real lookup.
+#[derive(Debug, Default)]
+struct Absent {
+    filter: Option<BloomFilter>,
+    /// Keys the filter is sized for.
+    capacity: usize,
+    /// Keys put into it (at most `capacity` while it is kept).
+    added: usize,
+    /// Scans that found nothing while there was no filter.
+    misses: usize,
+}
+
+/// The first component of an encoded key (components are joined by NUL).
+fn first_component(key: &[u8]) -> &[u8] {
+    key.split(|b| *b == 0).next().unwrap_or(key)
+}
+
+impl Absent {
+    /// Whether no key in the store starts with the component `first`.
+    fn lacks(&self, first: &[u8]) -> bool {
+        self.filter.as_ref().is_some_and(|f| !f.contains(first))
+    }
+
+    /// Take in the keys of a commit, before they are written.
+    fn note(&mut self, writes: &[LoggedWrite]) {
+        let Some(filter) = &mut self.filter else {
+            return;
+        };
+        for (key, value) in writes {
+            if value.is_some() {
+                filter.insert(first_component(key));
+                self.added += 1;
+            }
+        }
+        if self.added > self.capacity {
+            self.filter = None;
+            self.misses = MISSES_BEFORE_FILTER;
+        }
+    }
 }
 
 /// The largest record buffer a log keeps between commits: a log file's
@@ -139,6 +203,61 @@ impl Log {
         self.folding = None;
         self.fold_error = None;
         self.files[1 - self.current].rewind();
+    }
+
+    /// A scan found nothing: count it, and build the filter of absent
+    /// documents once enough have. A filter that cannot be built (a redb
+    /// error) is only a loss of speed.
+    fn missed(&mut self, db: &Database) {
+        if self.absent.filter.is_some() {
+            return;
+        }
+        self.absent.misses += 1;
+        if self.absent.misses < MISSES_BEFORE_FILTER {
+            return;
+        }
+        if let Err(e) = self.build_filter(db) {
+            tracing::warn!(error = %e, "cannot build the filter of absent documents");
+            self.absent.misses = 0;
+        }
+    }
+
+    /// The first component of every key in the table and the log.
+    fn build_filter(&mut self, db: &Database) -> Result<(), StorageError> {
+        let table = open_reader(db)?;
+        let stored = usize::try_from(table.len().map_err(backend)?).unwrap_or(usize::MAX);
+        let folding = self.folding.as_ref().map(|f| &f.writes);
+        let logged = self.pending.len() + folding.map_or(0, BTreeMap::len);
+        let keys = stored.saturating_add(logged);
+        let capacity = keys.saturating_mul(2).max(1 << 12);
+        let mut filter = BloomFilter::with_false_pos(0.01).expected_items(capacity);
+        for item in table.iter().map_err(backend)? {
+            let (key, _) = item.map_err(backend)?;
+            filter.insert(first_component(key.value()));
+        }
+        for key in self
+            .pending
+            .keys()
+            .chain(folding.into_iter().flat_map(BTreeMap::keys))
+        {
+            filter.insert(first_component(key));
+        }
+        self.absent = Absent {
+            filter: Some(filter),
+            capacity,
+            added: keys,
+            misses: 0,
+        };
+        Ok(())
+    }
+
+    /// Whether the store surely has no key under `prefix` (one that names
+    /// at least a first component).
+    fn lacks(&self, prefix: &StorageKey) -> bool {
+        prefix
+            .parts()
+            .first()
+            .is_some_and(|first| self.absent.lacks(first.as_bytes()))
     }
 
     /// The logged write of `key`, if any.
@@ -214,6 +333,7 @@ impl RedbStorage {
             fold_error: None,
             reader: None,
             record: Vec::new(),
+            absent: Absent::default(),
             failed: None,
         };
         if !records.is_empty() {
@@ -545,6 +665,9 @@ impl RedbStorage {
 impl Storage for RedbStorage {
     fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>, StorageError> {
         let mut log = self.pending()?;
+        if log.as_ref().is_some_and(|l| l.lacks(key)) {
+            return Ok(None);
+        }
         let key = key.encode();
         if let Some(logged) = log.as_ref().and_then(|l| l.get(&key)) {
             return Ok(logged.clone());
@@ -561,6 +684,49 @@ impl Storage for RedbStorage {
         after: Option<&StorageKey>,
         limit: usize,
     ) -> Result<Vec<(StorageKey, Vec<u8>)>, StorageError> {
+        let mut log = self.pending()?;
+        if log.as_ref().is_some_and(|l| l.lacks(prefix)) {
+            return Ok(Vec::new());
+        }
+        let out = self.scan_under(&mut log, prefix, after, limit)?;
+        // A whole document found missing (as before each new row).
+        if out.is_empty()
+            && after.is_none()
+            && limit > 0
+            && !prefix.parts().is_empty()
+            && let Some(l) = log.as_deref_mut()
+        {
+            l.missed(&self.db);
+        }
+        Ok(out)
+    }
+
+    fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
+        let mut log = self.pending()?;
+        if log.as_ref().is_some_and(|l| l.lacks(prefix)) {
+            return Ok(None);
+        }
+        self.last_under(&mut log, prefix)
+    }
+
+    fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+        self.commit_writes(logged_writes(batch))
+    }
+
+    fn commit_owned(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.commit_writes(logged_writes_owned(batch))
+    }
+}
+
+impl RedbStorage {
+    /// [`Storage::scan`] with the log locked (`log`).
+    fn scan_under(
+        &self,
+        log: &mut Option<MutexGuard<'_, Log>>,
+        prefix: &StorageKey,
+        after: Option<&StorageKey>,
+        limit: usize,
+    ) -> Result<Vec<(StorageKey, Vec<u8>)>, StorageError> {
         let (start, inclusive, end) = prefix_range(prefix, after);
         let lower = if inclusive {
             Bound::Included(start.as_slice())
@@ -568,9 +734,8 @@ impl Storage for RedbStorage {
             Bound::Excluded(start.as_slice())
         };
         let bounds = (lower, Bound::Excluded(end.as_slice()));
-        let mut log = self.pending()?;
         let mut own = None;
-        let (log, table) = self.for_reading(&mut log, &mut own)?;
+        let (log, table) = self.for_reading(log, &mut own)?;
         let mut logged = log.iter().flat_map(|l| l.range(bounds, false)).peekable();
         let mut range = table.range::<&[u8]>(bounds).map_err(backend)?;
         let mut next_stored = || -> Result<Option<RawEntry>, StorageError> {
@@ -609,11 +774,15 @@ impl Storage for RedbStorage {
         Ok(out)
     }
 
-    fn last(&self, prefix: &StorageKey) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
+    /// [`Storage::last`] with the log locked (`log`).
+    fn last_under(
+        &self,
+        log: &mut Option<MutexGuard<'_, Log>>,
+        prefix: &StorageKey,
+    ) -> Result<Option<(StorageKey, Vec<u8>)>, StorageError> {
         let (start, _, end) = prefix_range(prefix, None);
-        let mut log = self.pending()?;
         let mut own = None;
-        let (log, table) = self.for_reading(&mut log, &mut own)?;
+        let (log, table) = self.for_reading(log, &mut own)?;
         let bounds = (
             Bound::Included(start.as_slice()),
             Bound::Excluded(end.as_slice()),
@@ -649,16 +818,6 @@ impl Storage for RedbStorage {
         }
     }
 
-    fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
-        self.commit_writes(logged_writes(batch))
-    }
-
-    fn commit_owned(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        self.commit_writes(logged_writes_owned(batch))
-    }
-}
-
-impl RedbStorage {
     /// [`Storage::commit`] of a batch's writes.
     fn commit_writes(&self, writes: Vec<LoggedWrite>) -> Result<(), StorageError> {
         let Some(log) = &self.log else {
@@ -674,6 +833,8 @@ impl RedbStorage {
         }
         let mut log = self.lock(log)?;
         Self::reap(&mut log, false);
+        // Before anything is written: a key the filter lacks is never stored.
+        log.absent.note(&writes);
         let mut record = std::mem::take(&mut log.record);
         encode_record_into(&mut record, log.next, &writes)?;
         let result = self.append(&mut log, &record, writes);
@@ -1160,8 +1321,98 @@ mod tests {
         assert!(no_log_files(&copy));
     }
 
+    /// A key under document `d` (of 12), numbered `i`.
+    fn doc_key(d: u8, i: u8) -> StorageKey {
+        StorageKey::new([format!("doc{}", d % 12), format!("{i:03}")]).unwrap()
+    }
+
+    fn filter(s: &RedbStorage) -> Option<(usize, usize)> {
+        let log = s.log.as_ref().unwrap().lock().unwrap();
+        log.absent
+            .filter
+            .as_ref()
+            .map(|_| (log.absent.added, log.absent.capacity))
+    }
+
+    /// The filter of absent documents is built after a few misses, answers
+    /// for documents that were never written, learns every commit, and is
+    /// dropped and built again when it outgrows its size: no key is ever
+    /// missed.
+    #[test]
+    fn the_absent_filter_never_hides_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStorage::open_with_log_capacity(dir.path().join("s.redb"), 64 * 1024).unwrap();
+        let mut b = WriteBatch::new();
+        b.put(doc_key(0, 0), vec![0; 8]);
+        s.commit(&b).unwrap();
+        s.checkpoint().unwrap();
+        assert_eq!(filter(&s), None);
+        let never = StorageKey::new(["never"]).unwrap();
+        for _ in 0..MISSES_BEFORE_FILTER {
+            assert!(s.scan(&never, None, usize::MAX).unwrap().is_empty());
+        }
+        let (added, capacity) = filter(&s).expect("built after the misses");
+        assert!(added >= 1 && capacity >= 2 * added);
+        assert!(s.pending().unwrap().unwrap().lacks(&never));
+        // Stored before the filter (and folded into redb): found.
+        assert_eq!(s.get(&doc_key(0, 0)).unwrap(), Some(vec![0; 8]));
+        // Committed after it, then grown past its size: always found.
+        for i in 0..=capacity {
+            let mut b = WriteBatch::new();
+            b.put(doc_key(1, (i % 200) as u8), vec![1]);
+            b.put(
+                StorageKey::new([format!("new{i}"), "x".into()]).unwrap(),
+                vec![2],
+            );
+            s.commit_owned(b).unwrap();
+            let prefix = StorageKey::new([format!("new{i}")]).unwrap();
+            assert_eq!(s.scan(&prefix, None, 1).unwrap().len(), 1, "new{i}");
+            assert!(s.last(&prefix).unwrap().is_some());
+        }
+        assert_eq!(filter(&s), None, "outgrown: dropped");
+        assert!(s.scan(&never, None, usize::MAX).unwrap().is_empty());
+        let (added, bigger) = filter(&s).expect("built again at the next miss");
+        assert!(bigger > capacity && added <= bigger);
+        for i in (0..=capacity).step_by(7) {
+            let prefix = StorageKey::new([format!("new{i}")]).unwrap();
+            assert_eq!(s.scan(&prefix, None, usize::MAX).unwrap().len(), 1);
+        }
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// The same over many documents, so that scans miss, the filter of
+        /// absent documents is built (after a few misses in tests) and then
+        /// answers: it never hides a key a plain map has.
+        #[test]
+        fn reads_under_many_documents_match_a_plain_map(
+            ops in proptest::collection::vec((0u8..5, 0u8..40, 0u8..30), 1..150)
+        ) {
+            use super::super::MemoryStorage;
+            let dir = tempfile::tempdir().unwrap();
+            let s = RedbStorage::open_with_log_capacity(dir.path().join("s.redb"), 2048).unwrap();
+            let model = MemoryStorage::new();
+            for (op, d, i) in ops {
+                let mut b = WriteBatch::new();
+                match op {
+                    0 | 1 => b.put(doc_key(d, i), vec![i; 9]),
+                    2 => b.delete(doc_key(d, i)),
+                    3 => {}
+                    _ => s.checkpoint().unwrap(),
+                }
+                model.commit(&b).unwrap();
+                s.commit_owned(b).unwrap();
+                let prefix = StorageKey::new([format!("doc{}", (d / 3) % 12)]).unwrap();
+                proptest::prop_assert_eq!(
+                    s.scan(&prefix, None, usize::MAX).unwrap(),
+                    model.scan(&prefix, None, usize::MAX).unwrap()
+                );
+                proptest::prop_assert_eq!(s.get(&doc_key(d, i)).unwrap(), model.get(&doc_key(d, i)).unwrap());
+                proptest::prop_assert_eq!(s.last(&prefix).unwrap(), model.last(&prefix).unwrap());
+            }
+        }
+
         /// Reads over the log and the table answer as one sorted map would,
         /// whatever was folded when.
         #[test]
