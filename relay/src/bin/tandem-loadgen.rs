@@ -232,6 +232,10 @@ impl Client {
         // reaches the threshold at the same change, so all of them would
         // stall together (the 100/s phase did at about its 430th change).
         config.documents.compaction_min_bytes = usize::MAX;
+        // Plain protocol v1 with every server, so that Tandem's relay and the
+        // Node server are measured on the same frames (Tandem's batch
+        // extension would only be negotiated with the relay).
+        config.batch_bytes = 0;
         Self::over(ws, config, deadline).await
     }
 
