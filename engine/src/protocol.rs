@@ -33,6 +33,30 @@ pub struct Batched {
 }
 
 impl Batched {
+    /// The message as a plain `request` or `sync` between the two peers.
+    pub fn into_message(self, sender_id: PeerId, target_id: PeerId) -> Message {
+        let Self {
+            request,
+            document_id,
+            data,
+        } = self;
+        if request {
+            Message::Request {
+                sender_id,
+                target_id,
+                document_id,
+                data,
+            }
+        } else {
+            Message::Sync {
+                sender_id,
+                target_id,
+                document_id,
+                data,
+            }
+        }
+    }
+
     /// What this entry adds to a batch frame's size: its array header, kind,
     /// document id and data with their headers.
     pub fn encoded_len(&self) -> usize {
@@ -435,23 +459,12 @@ impl Message {
             },
             "request" | "sync" => {
                 let (sender_id, target_id) = (f.peer("senderId")?, f.peer("targetId")?);
-                let document_id = f.document()?;
-                let data = f.bytes("data")?;
-                if kind == "request" {
-                    Message::Request {
-                        sender_id,
-                        target_id,
-                        document_id,
-                        data,
-                    }
-                } else {
-                    Message::Sync {
-                        sender_id,
-                        target_id,
-                        document_id,
-                        data,
-                    }
+                Batched {
+                    request: kind == "request",
+                    document_id: f.document()?,
+                    data: f.bytes("data")?,
                 }
+                .into_message(sender_id, target_id)
             }
             "doc-unavailable" => Message::DocUnavailable {
                 sender_id: f.peer("senderId")?,

@@ -103,24 +103,7 @@ impl RepoConfig {
 
 /// One generated message as a plain `request` or `sync` frame.
 fn single(me: &PeerId, peer: &PeerId, m: Batched) -> Vec<u8> {
-    let (sender_id, target_id) = (me.clone(), peer.clone());
-    let (document_id, data) = (m.document_id, m.data);
-    if m.request {
-        Message::Request {
-            sender_id,
-            target_id,
-            document_id,
-            data,
-        }
-    } else {
-        Message::Sync {
-            sender_id,
-            target_id,
-            document_id,
-            data,
-        }
-    }
-    .encode()
+    m.into_message(me.clone(), peer.clone()).encode()
 }
 
 /// Something the driver must do or may want to know.

@@ -1345,6 +1345,21 @@ fn request_frame(from: &str, doc: DocumentId) -> Vec<u8> {
     .encode()
 }
 
+/// An incoming connection from a peer that offered the batch extension,
+/// with the handshake's outputs left to read.
+fn joined_offering_batches(hub: &mut Repo<impl Storage>, conn: u64) -> ConnectionId {
+    let c = ConnectionId(conn);
+    hub.connect(c, Direction::Incoming).unwrap();
+    let offer = Message::Join {
+        sender_id: PeerId::new("tandem"),
+        supported_protocol_versions: vec!["1".into()],
+        metadata: None,
+        extensions: vec!["batch".into()],
+    };
+    hub.receive(0, c, &offer.encode()).unwrap();
+    c
+}
+
 /// Two Tandem repos negotiate the batch extension and move many documents
 /// in a few frames; with it switched off on either side they speak plain
 /// protocol v1, a frame per message, and end the same.
@@ -1424,15 +1439,7 @@ fn batches_respect_their_size_and_plain_peers_never_see_one() {
     let docs = numbered(&mut hub, 40);
     hub.flush().unwrap();
     let plain = joined(&mut hub, 1, "plain");
-    let tandem = ConnectionId(2);
-    hub.connect(tandem, Direction::Incoming).unwrap();
-    let offer = Message::Join {
-        sender_id: PeerId::new("tandem"),
-        supported_protocol_versions: vec!["1".into()],
-        metadata: None,
-        extensions: vec!["batch".into()],
-    };
-    hub.receive(0, tandem, &offer.encode()).unwrap();
+    let tandem = joined_offering_batches(&mut hub, 2);
     let out = hub.drain_outputs();
     assert!(matches!(
         sends(&out, tandem).as_slice(),
@@ -1514,15 +1521,7 @@ fn a_batch_is_refused_unless_negotiated_and_stops_at_a_bad_message() {
     }
     assert!(closed(&out, plain));
 
-    let tandem = ConnectionId(2);
-    hub.connect(tandem, Direction::Incoming).unwrap();
-    let offer = Message::Join {
-        sender_id: PeerId::new("tandem"),
-        supported_protocol_versions: vec!["1".into()],
-        metadata: None,
-        extensions: vec!["batch".into()],
-    };
-    hub.receive(0, tandem, &offer.encode()).unwrap();
+    let tandem = joined_offering_batches(&mut hub, 2);
     hub.drain_outputs();
     hub.receive(
         0,
