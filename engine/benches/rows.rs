@@ -606,6 +606,42 @@ fn catchup(dir: &Path, n: usize) {
         first.bytes.iter().sum::<usize>() + second.bytes.iter().sum::<usize>(),
         complete(&mut fresh),
     );
+
+    // The same once more with a replica that declines Tandem's batch
+    // extension: plain automerge-repo protocol v1, a frame per message, as
+    // a JS or samod client syncs (for comparison; the figures above are
+    // what two Tandem peers move).
+    let plain_repo = Repo::open(
+        RedbStorage::open(dir.join("plain.redb")).unwrap(),
+        RepoConfig {
+            batch_bytes: 0,
+            ..RepoConfig::new(PeerId::new("bench"))
+        },
+        ShareAll,
+    )
+    .unwrap();
+    let mut fresh = Rows::with_system_clock(plain_repo);
+    fresh.define(TableSchema::new(TABLE));
+    let started = Instant::now();
+    fresh.subscribe(TABLE).unwrap();
+    let first = sync_on_two_threads(fresh.repo_mut(), server.repo_mut());
+    fresh.discover(TABLE).unwrap();
+    let second = sync_on_two_threads(fresh.repo_mut(), server.repo_mut());
+    let time = started.elapsed();
+    let wire = first.bytes.iter().sum::<usize>() + second.bytes.iter().sum::<usize>();
+    println!(
+        "  (plain protocol v1, no batch extension, two threads: {:.2} s, {} frames, \
+         {:.2} MB = {:.2}x the rows' saved documents{})",
+        time.as_secs_f64(),
+        first.frames[0] + first.frames[1] + second.frames[0] + second.frames[1],
+        mb(wire),
+        wire as f64 / row_bytes as f64,
+        if complete(&mut fresh) {
+            ""
+        } else {
+            "; not every row arrived"
+        },
+    );
 }
 
 /// Frames and bytes each side of [`sync_on_two_threads`] sent (`[0]`: the
