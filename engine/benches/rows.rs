@@ -588,22 +588,17 @@ fn catchup(dir: &Path, n: usize) {
     // server in two processes would run (the in-process run above adds the
     // two sides' times on one thread).
     let mut fresh = rows_at(&dir.join("threads.redb"));
-    let started = Instant::now();
-    fresh.subscribe(TABLE).unwrap();
-    let first = sync_on_two_threads(fresh.repo_mut(), server.repo_mut());
-    fresh.discover(TABLE).unwrap();
-    let second = sync_on_two_threads(fresh.repo_mut(), server.repo_mut());
-    let time = started.elapsed();
+    let (time, sent) = catch_up_on_two_threads(&mut fresh, server.repo_mut());
     println!(
         "  (two threads: {} frames, {:.2} MB to the full store and {:.2} MB from it)",
-        first.frames[0] + first.frames[1] + second.frames[0] + second.frames[1],
-        mb(first.bytes[0] + second.bytes[0]),
-        mb(first.bytes[1] + second.bytes[1]),
+        sent.frames[0] + sent.frames[1],
+        mb(sent.bytes[0]),
+        mb(sent.bytes[1]),
     );
     report(
         "the same, replica and server on two threads",
         time,
-        first.bytes.iter().sum::<usize>() + second.bytes.iter().sum::<usize>(),
+        sent.bytes[0] + sent.bytes[1],
         complete(&mut fresh),
     );
 
@@ -622,18 +617,13 @@ fn catchup(dir: &Path, n: usize) {
     .unwrap();
     let mut fresh = Rows::with_system_clock(plain_repo);
     fresh.define(TableSchema::new(TABLE));
-    let started = Instant::now();
-    fresh.subscribe(TABLE).unwrap();
-    let first = sync_on_two_threads(fresh.repo_mut(), server.repo_mut());
-    fresh.discover(TABLE).unwrap();
-    let second = sync_on_two_threads(fresh.repo_mut(), server.repo_mut());
-    let time = started.elapsed();
-    let wire = first.bytes.iter().sum::<usize>() + second.bytes.iter().sum::<usize>();
+    let (time, sent) = catch_up_on_two_threads(&mut fresh, server.repo_mut());
+    let wire = sent.bytes[0] + sent.bytes[1];
     println!(
         "  (plain protocol v1, no batch extension, two threads: {:.2} s, {} frames, \
          {:.2} MB = {:.2}x the rows' saved documents{})",
         time.as_secs_f64(),
-        first.frames[0] + first.frames[1] + second.frames[0] + second.frames[1],
+        sent.frames[0] + sent.frames[1],
         mb(wire),
         wire as f64 / row_bytes as f64,
         if complete(&mut fresh) {
@@ -642,6 +632,26 @@ fn catchup(dir: &Path, n: usize) {
             "; not every row arrived"
         },
     );
+}
+
+/// A new replica subscribes to the table, syncs its catalogs with the
+/// server, discovers the rows and syncs them, each side on a thread of its
+/// own: how long it took and what each side sent.
+fn catch_up_on_two_threads<S: Storage + Send>(
+    fresh: &mut Rows<RedbStorage>,
+    server: &mut Repo<S>,
+) -> (Duration, Sent) {
+    let started = Instant::now();
+    fresh.subscribe(TABLE).unwrap();
+    let first = sync_on_two_threads(fresh.repo_mut(), server);
+    fresh.discover(TABLE).unwrap();
+    let second = sync_on_two_threads(fresh.repo_mut(), server);
+    let both = |a: [usize; 2], b: [usize; 2]| [a[0] + b[0], a[1] + b[1]];
+    let sent = Sent {
+        frames: both(first.frames, second.frames),
+        bytes: both(first.bytes, second.bytes),
+    };
+    (started.elapsed(), sent)
 }
 
 /// Frames and bytes each side of [`sync_on_two_threads`] sent (`[0]`: the
