@@ -1204,68 +1204,21 @@ impl<S: Storage> Repo<S> {
 
     /// Queue the frames of what [`Self::generate_sync_messages`] made, in
     /// order per connection: a frame each for a plain peer; batch frames
-    /// for one that negotiated the extension (a lone message goes as a
-    /// plain frame, which a relay can merge with the next ones).
-    #[cfg(not(target_arch = "wasm32"))]
+    /// for one that negotiated the extension (the browser build never
+    /// does).
     fn send_generated(&mut self, sends: Vec<(ConnectionId, Batched)>) {
-        let me = &self.config.peer_id;
+        #[cfg(not(target_arch = "wasm32"))]
         let mut batches: BTreeMap<ConnectionId, Vec<Batched>> = BTreeMap::new();
         for (cid, m) in sends {
             let Some(conn) = self.conns.get(&cid) else {
                 continue;
             };
+            #[cfg(not(target_arch = "wasm32"))]
             if conn.batch {
                 batches.entry(cid).or_default().push(m);
-            } else if let ConnState::Ready(peer) = &conn.state {
-                let frame = single(me, &peer.peer_id, m);
-                self.outputs.push_back(Output::Send {
-                    connection: cid,
-                    frame,
-                });
-            }
-        }
-        for (cid, messages) in batches {
-            let Some(ConnState::Ready(peer)) = self.conns.get(&cid).map(|c| &c.state) else {
                 continue;
-            };
-            let mut frames = Vec::new();
-            let mut group: Vec<Batched> = Vec::new();
-            let mut size = 0;
-            let close = |group: &mut Vec<Batched>, frames: &mut Vec<Vec<u8>>| match group.len() {
-                0 => {}
-                1 => frames.push(single(me, &peer.peer_id, group.pop().expect("one"))),
-                _ => frames.push(
-                    Message::Batch {
-                        sender_id: me.clone(),
-                        target_id: peer.peer_id.clone(),
-                        messages: std::mem::take(group),
-                    }
-                    .encode(),
-                ),
-            };
-            for m in messages {
-                let len = m.encoded_len();
-                if !group.is_empty() && size + len > self.config.batch_bytes {
-                    close(&mut group, &mut frames);
-                    size = 0;
-                }
-                size += len;
-                group.push(m);
             }
-            close(&mut group, &mut frames);
-            self.outputs
-                .extend(frames.into_iter().map(|frame| Output::Send {
-                    connection: cid,
-                    frame,
-                }));
-        }
-    }
-
-    /// The browser build's: a frame each (it never negotiates batches).
-    #[cfg(target_arch = "wasm32")]
-    fn send_generated(&mut self, sends: Vec<(ConnectionId, Batched)>) {
-        for (cid, m) in sends {
-            if let Some(ConnState::Ready(peer)) = self.conns.get(&cid).map(|c| &c.state) {
+            if let ConnState::Ready(peer) = &conn.state {
                 let frame = single(&self.config.peer_id, &peer.peer_id, m);
                 self.outputs.push_back(Output::Send {
                     connection: cid,
@@ -1273,6 +1226,50 @@ impl<S: Storage> Repo<S> {
                 });
             }
         }
+        #[cfg(not(target_arch = "wasm32"))]
+        for (cid, messages) in batches {
+            self.send_batches(cid, messages);
+        }
+    }
+
+    /// Queue `messages` for `cid` in batch frames of at most
+    /// [`RepoConfig::batch_bytes`] of messages; a lone message goes as a
+    /// plain frame, which a relay can merge with the next ones.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn send_batches(&mut self, cid: ConnectionId, messages: Vec<Batched>) {
+        let Some(ConnState::Ready(peer)) = self.conns.get(&cid).map(|c| &c.state) else {
+            return;
+        };
+        let me = &self.config.peer_id;
+        let outputs = &mut self.outputs;
+        let mut close = |group: &mut Vec<Batched>| {
+            let frame = match group.len() {
+                0 => return,
+                1 => single(me, &peer.peer_id, group.pop().expect("one")),
+                _ => Message::Batch {
+                    sender_id: me.clone(),
+                    target_id: peer.peer_id.clone(),
+                    messages: std::mem::take(group),
+                }
+                .encode(),
+            };
+            outputs.push_back(Output::Send {
+                connection: cid,
+                frame,
+            });
+        };
+        let mut group = Vec::new();
+        let mut size = 0;
+        for m in messages {
+            let len = m.encoded_len();
+            if !group.is_empty() && size + len > self.config.batch_bytes {
+                close(&mut group);
+                size = 0;
+            }
+            size += len;
+            group.push(m);
+        }
+        close(&mut group);
     }
 
     /// The next thing for the driver to do, if any.

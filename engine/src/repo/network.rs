@@ -149,7 +149,8 @@ impl<S: Storage> Repo<S> {
         }
     }
 
-    /// The Tandem extensions this repo offers and accepts.
+    /// The Tandem extensions this repo offers and accepts: the batch
+    /// extension unless switched off (the browser build has no batch code).
     fn extensions(&self) -> Vec<String> {
         if self.config.batch_bytes > 0 && cfg!(not(target_arch = "wasm32")) {
             vec![BATCH_EXTENSION.into()]
@@ -161,9 +162,9 @@ impl<S: Storage> Repo<S> {
     /// Whether `theirs` (a peer's `tandemExtensions`) and ours both have
     /// the batch extension.
     fn batches_with(&self, theirs: &[String]) -> bool {
-        self.config.batch_bytes > 0
-            && cfg!(not(target_arch = "wasm32"))
-            && theirs.iter().any(|e| e == BATCH_EXTENSION)
+        self.extensions()
+            .iter()
+            .any(|e| e == BATCH_EXTENSION && theirs.contains(e))
     }
 
     /// A frame arrived on a connection. Malformed or unexpected frames get an
@@ -218,11 +219,8 @@ impl<S: Storage> Repo<S> {
                     target_id: sender_id.clone(),
                     selected_protocol_version: PROTOCOL_VERSION.into(),
                     metadata: Some(self.metadata()),
-                    extensions: if batch {
-                        vec![BATCH_EXTENSION.into()]
-                    } else {
-                        Vec::new()
-                    },
+                    // What we offer is all we accept.
+                    extensions: if batch { self.extensions() } else { Vec::new() },
                 };
                 self.outputs.push_back(Output::Send {
                     connection: id,
@@ -538,10 +536,7 @@ impl<S: Storage> Repo<S> {
             .iter()
             .next()
             .filter(|_| message.changes.len() == 1 && loaded.doc.get_heads().is_empty())
-            .and_then(|bytes| {
-                let header = chunk::saved_header(bytes)?;
-                Some((bytes.to_vec(), header.heads))
-            });
+            .and_then(|bytes| chunk::saved_header(bytes).map(|h| (bytes.to_vec(), h.heads)));
         // A message without changes leaves the document as it is, and what
         // it does to the sync state depends only on the document, the state
         // and the message: peers in step (readers acknowledging the same
