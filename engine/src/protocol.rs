@@ -260,15 +260,7 @@ impl Message {
                 extensions,
             } => {
                 m.text("senderId", sender_id.as_str());
-                m.put(
-                    "supportedProtocolVersions",
-                    Value::Array(
-                        supported_protocol_versions
-                            .iter()
-                            .map(|v| Value::Text(v.clone()))
-                            .collect(),
-                    ),
-                );
+                m.texts("supportedProtocolVersions", supported_protocol_versions);
                 if let Some(md) = metadata {
                     m.put("peerMetadata", encode_metadata(md));
                 }
@@ -429,16 +421,9 @@ impl Message {
         let msg = match kind.as_str() {
             "join" => Message::Join {
                 sender_id: f.peer("senderId")?,
-                supported_protocol_versions: match f.get("supportedProtocolVersions") {
-                    Some(Value::Array(a)) => a
-                        .iter()
-                        .map(|v| text_of(v, "supportedProtocolVersions"))
-                        .collect::<Result<_, _>>()?,
-                    Some(_) => {
-                        return Err(invalid("supportedProtocolVersions", "not an array"));
-                    }
-                    None => return Err(f.missing("supportedProtocolVersions")),
-                },
+                supported_protocol_versions: f
+                    .texts("supportedProtocolVersions")?
+                    .ok_or_else(|| f.missing("supportedProtocolVersions"))?,
                 metadata: f.metadata()?,
                 extensions: f.extensions()?,
             },
@@ -545,10 +530,13 @@ impl MapBuilder {
     fn text(&mut self, key: &str, value: &str) {
         self.put(key, Value::Text(value.into()));
     }
+    fn texts(&mut self, key: &str, texts: &[String]) {
+        let texts = texts.iter().map(|t| Value::Text(t.clone())).collect();
+        self.put(key, Value::Array(texts));
+    }
     fn extensions(&mut self, extensions: &[String]) {
         if !extensions.is_empty() {
-            let names = extensions.iter().map(|e| Value::Text(e.clone())).collect();
-            self.put("tandemExtensions", Value::Array(names));
+            self.texts("tandemExtensions", extensions);
         }
     }
     fn routing(&mut self, sender: &PeerId, target: &PeerId) {
@@ -667,14 +655,21 @@ impl Fields<'_> {
             is_ephemeral,
         }))
     }
-    /// `tandemExtensions`: absent for a plain peer.
-    fn extensions(&self) -> Result<Vec<String>, DecodeError> {
-        let field = "tandemExtensions";
+    /// An array of text strings, if present.
+    fn texts(&self, field: &'static str) -> Result<Option<Vec<String>>, DecodeError> {
         match self.get(field) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(a)) => a.iter().map(|v| text_of(v, field)).collect(),
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| text_of(v, field))
+                .collect::<Result<_, _>>()
+                .map(Some),
             Some(_) => Err(invalid(field, "not an array")),
         }
+    }
+    /// `tandemExtensions`: absent for a plain peer.
+    fn extensions(&self) -> Result<Vec<String>, DecodeError> {
+        Ok(self.texts("tandemExtensions")?.unwrap_or_default())
     }
     /// A batch's `messages`: each `[kind, documentId, data]`, kind 0 for
     /// `request` and 1 for `sync`, the id as 16 bytes.
@@ -718,14 +713,8 @@ impl Fields<'_> {
             .collect()
     }
     fn storage_ids(&self, field: &'static str) -> Result<Vec<StorageId>, DecodeError> {
-        match self.get(field) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| text_of(v, field).map(StorageId::new))
-                .collect(),
-            Some(_) => Err(invalid(field, "not an array")),
-        }
+        let ids = self.texts(field)?.unwrap_or_default();
+        Ok(ids.into_iter().map(StorageId::new).collect())
     }
     fn new_heads(&self) -> Result<Vec<RemoteHeads>, DecodeError> {
         let field = "newHeads";
