@@ -15,6 +15,8 @@
 #                                                 (tandem serve --sync-window)
 #   STAMP=field relay/bench/fanout.sh   # send time in the document beside v
 #                                         (default: in each change's message)
+#   RECORDS=20 relay/bench/fanout.sh    # writes spread over 20 records
+#                                         (default 0: one key at the root)
 #
 # Needs what .ci/run installs: the Rust toolchain, Node 20, `npm ci` in tests/js.
 # The JSON reports and server logs stay in $BENCH_OUT (default: a temp dir).
@@ -26,6 +28,7 @@ RATE=${RATE:-100}
 PHASE_SECS=${PHASE_SECS:-10}
 DRAIN_SECS=${DRAIN_SECS:-10}
 STAMP=${STAMP:-message}
+RECORDS=${RECORDS:-0}
 OUT=${BENCH_OUT:-$(mktemp -d -t tandem-fanout.XXXXXX)}
 mkdir -p "$OUT"
 
@@ -38,7 +41,7 @@ bench() {
   echo "== load: $name"
   if ! "$BIN/tandem-loadgen" --url "$SERVER_URL" --server-pid "$SERVER_PID" \
     --label "$name" --readers "$READERS" --rate "$RATE" \
-    --phase-secs "$PHASE_SECS" --drain-secs "$DRAIN_SECS" --stamp "$STAMP" --json >"$OUT/$name.json"; then
+    --phase-secs "$PHASE_SECS" --drain-secs "$DRAIN_SECS" --stamp "$STAMP" --records "$RECORDS" --json >"$OUT/$name.json"; then
     echo "FAILED: the load generator failed against $name" >&2
     tail -n 20 "$OUT/$name.stderr" >&2 || true
     exit 1

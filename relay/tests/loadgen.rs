@@ -67,6 +67,68 @@ fn a_short_fan_out_reaches_every_reader() {
 }
 
 #[test]
+fn a_fan_out_over_records_reads_each_value_from_its_record() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut relay, url) = support::start_binary(data.path(), &["--allow-anonymous"]);
+    let report = loadgen(&[
+        "--url",
+        &url,
+        "--readers",
+        "2",
+        "--rate",
+        "20",
+        "--phase-secs",
+        "1",
+        "--drain-secs",
+        "20",
+        "--records",
+        "7",
+        "--json",
+    ]);
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+
+    assert_eq!(report["records"], 7);
+    assert_eq!(report["readers_disconnected"].as_array().unwrap().len(), 0);
+    for phase in report["phases"].as_array().unwrap() {
+        let name = &phase["phase"];
+        assert_eq!(phase["caught_up_readers"], 2, "{name}: {phase}");
+        // A reader only counts a value it found in the record the change
+        // names: every reader saw some, and the last.
+        let seen = &phase["distinct_seen"];
+        assert!(seen["min"].as_u64().unwrap() >= 1, "{name}: {seen}");
+        let windows = phase["p99_by_send_window"].as_array().unwrap();
+        assert!(!windows.is_empty(), "{name}");
+        for w in windows {
+            // Bytes reach the socket before the reader has applied them.
+            let (p99, arrival) = (w["p99_ms"].as_f64(), w["arrival_p99_ms"].as_f64());
+            assert!(arrival.unwrap() <= p99.unwrap(), "{name}: {w}");
+        }
+    }
+}
+
+#[test]
+fn records_need_the_stamp_in_the_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem-loadgen"))
+        .args([
+            "--url",
+            "ws://127.0.0.1:9",
+            "--records",
+            "3",
+            "--stamp",
+            "field",
+        ])
+        .output()
+        .expect("cannot run tandem-loadgen");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--records needs --stamp message"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn apply_cost_reports_every_pair_of_sizes() {
     let report = loadgen(&[
         "apply-cost",

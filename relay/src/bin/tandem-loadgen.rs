@@ -24,7 +24,9 @@
 //! send time in the document instead, as key `t` beside `v`: every change
 //! then overwrites two keys, and automerge's apply, which walks the history
 //! of each key it writes, costs the readers and the server about twice as
-//! much per change.) The phases:
+//! much per change. `--records N` spreads the writes over N records, maps
+//! `r0` to `r{N-1}`: change n writes `v` = n in record n mod N, and its
+//! message names the record, where a reader reads the value.) The phases:
 //!
 //! 1. at `--rate` changes/s for `--phase-secs`;
 //! 2. as fast as it can (one change, flush, send, repeat) for `--phase-secs`.
@@ -36,7 +38,9 @@
 //! would: it records each distinct value of `v` it observes and its latency
 //! (observation time minus the send time: the same machine's clock), and, as a
 //! diagnostic, when the last frame handled was read off the socket (the rest
-//! is the reader's own queue and apply).
+//! is the reader's own queue and apply). The readers' sockets are read on a
+//! thread of their own, so that this arrival time is when the server's bytes
+//! reached the process, not when a busy reader got round to reading them.
 //!
 //! With `--server-pid` the server's CPU time and RSS are sampled from /proc
 //! every 500 ms. `--json` prints the report as JSON.
@@ -53,12 +57,13 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tandem_engine::automerge::transaction::{CommitOptions, Transactable};
-use tandem_engine::automerge::{ROOT, ReadDoc};
+use tandem_engine::automerge::{Automerge, AutomergeError, ObjType, ROOT, ReadDoc};
 use tandem_engine::protocol::coalesce_sync_frames;
 use tandem_engine::{
     ConnectionId, Direction, DocumentId, Event, MemoryStorage, Output, PeerId, Repo, RepoConfig,
     ShareAll,
 };
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as Ws;
@@ -113,6 +118,14 @@ struct Args {
     /// change, which automerge's apply then walks too).
     #[arg(long, value_enum, default_value_t = Stamp::Message)]
     stamp: Stamp,
+    /// Records in the document (0: none, the writer overwrites `v` at the
+    /// root). With N records, the document is created with maps `r0` to
+    /// `r{N-1}`, each with `v` = 0, and change n writes `v` = n in record
+    /// n mod N: the shape of an application's records, where automerge's
+    /// apply walks the history of one record instead of every change ever
+    /// made. Needs `--stamp message`.
+    #[arg(long, default_value_t = 0)]
+    records: u32,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -120,6 +133,15 @@ struct Args {
     /// side, with ratios A/B.
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     compare: Option<Vec<PathBuf>>,
+}
+
+impl Args {
+    fn workload(&self) -> Workload {
+        Workload {
+            stamp: self.stamp,
+            records: self.records,
+        }
+    }
 }
 
 /// Where the send time of a change travels (see `Args::stamp`).
@@ -136,8 +158,42 @@ impl Stamp {
             Stamp::Field => "field",
         }
     }
+}
 
-    /// Put `v` (and `t`, or its message) in one change of `doc`.
+/// What the writer writes and the readers read (see `Args::stamp` and
+/// `Args::records`).
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    stamp: Stamp,
+    records: u32,
+}
+
+impl Workload {
+    fn record(self, v: u64) -> String {
+        format!("r{}", v % u64::from(self.records))
+    }
+
+    /// The document's first change: `v` = 0 (in every record, if any).
+    fn create(
+        self,
+        repo: &mut Repo<MemoryStorage>,
+        doc: &DocumentId,
+        t: i64,
+    ) -> Result<(), tandem_engine::RepoError> {
+        if self.records == 0 {
+            return self.write(repo, doc, 0, t);
+        }
+        let options = CommitOptions::default().with_message(format!("{t} 0"));
+        repo.change_with(doc, options, |d| {
+            for r in 0..self.records {
+                let record = d.put_object(ROOT, format!("r{r}"), ObjType::Map)?;
+                d.put(&record, "v", 0u64)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Write `v` in one change of `doc`, sent at `t`.
     fn write(
         self,
         repo: &mut Repo<MemoryStorage>,
@@ -145,7 +201,19 @@ impl Stamp {
         v: u64,
         t: i64,
     ) -> Result<(), tandem_engine::RepoError> {
-        match self {
+        if self.records > 0 {
+            // The message says when, and which record: a reader reads the
+            // value from the document.
+            let options = CommitOptions::default().with_message(format!("{t} {v}"));
+            let key = self.record(v);
+            return repo.change_with(doc, options, |d| {
+                let Some((_, record)) = d.get(ROOT, &key)? else {
+                    return Err(AutomergeError::InvalidObjId(key.clone()));
+                };
+                d.put(&record, "v", v)
+            });
+        }
+        match self.stamp {
             Stamp::Message => {
                 let options = CommitOptions::default().with_message(t.to_string());
                 repo.change_with(doc, options, |d| d.put(ROOT, "v", v))
@@ -155,6 +223,34 @@ impl Stamp {
                 d.put(ROOT, "t", t)
             }),
         }
+    }
+
+    /// The newest value in `d` and the send time of the change that wrote
+    /// it. With records: the value the head change wrote, read from its
+    /// record (the change's message names it).
+    fn read(self, d: &Automerge) -> Option<(u64, i64)> {
+        if self.records > 0 {
+            let heads = d.get_heads();
+            let [head] = heads.as_slice() else {
+                return None; // one writer: never forked
+            };
+            let meta = d.get_change_meta_by_hash(head)?;
+            let (t, v) = meta.message.as_deref()?.split_once(' ')?;
+            let (t, v): (i64, u64) = (t.parse().ok()?, v.parse().ok()?);
+            let (_, record) = d.get(ROOT, self.record(v)).ok().flatten()?;
+            let stored = d.get(&record, "v").ok().flatten()?.0.as_u64()?;
+            return (stored == v).then_some((v, t));
+        }
+        let (v, op) = d.get(ROOT, "v").ok().flatten()?;
+        let v = v.as_u64()?;
+        let t = match self.stamp {
+            Stamp::Field => d.get(ROOT, "t").ok().flatten()?.0.as_i64()?,
+            Stamp::Message => {
+                let change = d.get_change_meta_by_hash(&d.hash_for_opid(&op)?)?;
+                change.message.as_deref()?.parse().ok()?
+            }
+        };
+        Some((v, t))
     }
 }
 
@@ -191,6 +287,35 @@ fn now_us() -> i64 {
 
 // ---- one automerge-repo client ------------------------------------------
 
+/// Open a WebSocket to `url` (by `deadline`).
+async fn open_socket(
+    url: &str,
+    deadline: Instant,
+    config: Option<WebSocketConfig>,
+) -> Result<Socket> {
+    let connecting = tokio_tungstenite::connect_async_with_config(url, config, false);
+    let (ws, _) = tokio::time::timeout_at(deadline, connecting)
+        .await
+        .context("timed out connecting")?
+        .with_context(|| format!("cannot connect to {url}"))?;
+    Ok(ws)
+}
+
+/// The repo settings of a client that only measures.
+fn measuring_config(name: String) -> RepoConfig {
+    let mut config = RepoConfig::new(PeerId::new(name));
+    // It never compacts its in-memory store. Compaction re-encodes the
+    // whole document, and every reader reaches the threshold at the same
+    // change, so all of them would stall together (the 100/s phase did at
+    // about its 430th change).
+    config.documents.compaction_min_bytes = usize::MAX;
+    // Plain protocol v1 with every server, so that Tandem's relay and the
+    // Node server are measured on the same frames (Tandem's batch extension
+    // would only be negotiated with the relay).
+    config.batch_bytes = 0;
+    config
+}
+
 struct Client {
     repo: Repo<MemoryStorage>,
     sink: SplitSink<Socket, Ws>,
@@ -221,30 +346,34 @@ impl Client {
         deadline: Instant,
         config: Option<WebSocketConfig>,
     ) -> Result<Self> {
-        let connecting = tokio_tungstenite::connect_async_with_config(url, config, false);
-        let (ws, _) = tokio::time::timeout_at(deadline, connecting)
-            .await
-            .context("timed out connecting")?
-            .with_context(|| format!("cannot connect to {url}"))?;
-        let mut config = RepoConfig::new(PeerId::new(name));
-        // A client here only measures: it never compacts its in-memory
-        // store. Compaction re-encodes the whole document, and every reader
-        // reaches the threshold at the same change, so all of them would
-        // stall together (the 100/s phase did at about its 430th change).
-        config.documents.compaction_min_bytes = usize::MAX;
-        // Plain protocol v1 with every server, so that Tandem's relay and the
-        // Node server are measured on the same frames (Tandem's batch
-        // extension would only be negotiated with the relay).
-        config.batch_bytes = 0;
-        Self::over(ws, config, deadline).await
+        let ws = open_socket(url, deadline, config).await?;
+        Self::over(ws, measuring_config(name), deadline, None).await
     }
 
-    /// A client on an open WebSocket: sends `join` at once.
-    async fn over(ws: Socket, config: RepoConfig, deadline: Instant) -> Result<Self> {
+    /// Like `connect`, with the socket opened and read on `io`, a runtime
+    /// whose one thread does nothing else: a frame's arrival time is then
+    /// when the server's bytes reached this process, however busy the
+    /// readers' own runtime is with applying changes.
+    async fn connect_on(url: &str, name: String, deadline: Instant, io: &Handle) -> Result<Self> {
+        let url = url.to_owned();
+        let ws = io
+            .spawn(async move { open_socket(&url, deadline, None).await })
+            .await??;
+        Self::over(ws, measuring_config(name), deadline, Some(io)).await
+    }
+
+    /// A client on an open WebSocket, read on `io` (or the current runtime):
+    /// sends `join` at once.
+    async fn over(
+        ws: Socket,
+        config: RepoConfig,
+        deadline: Instant,
+        io: Option<&Handle>,
+    ) -> Result<Self> {
         let (sink, mut stream) = ws.split();
         let (tx, frames) = mpsc::unbounded_channel();
         // Read eagerly, so the server never waits on us (and pings are answered).
-        tokio::spawn(async move {
+        let read = async move {
             while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, stream.next()).await {
                 match msg {
                     Ok(Ws::Binary(b)) => {
@@ -256,7 +385,11 @@ impl Client {
                     Ok(_) => {}
                 }
             }
-        });
+        };
+        match io {
+            Some(io) => drop(io.spawn(read)),
+            None => drop(tokio::spawn(read)),
+        }
         let mut repo = Repo::open(MemoryStorage::new(), config, ShareAll)?;
         repo.connect(CONN, Direction::Outgoing)?;
         let mut client = Self {
@@ -417,24 +550,6 @@ impl Client {
     }
 }
 
-/// The document's `v` and the send time of the change that wrote it.
-fn read_vt(repo: &mut Repo<MemoryStorage>, doc: &DocumentId, stamp: Stamp) -> Option<(u64, i64)> {
-    repo.view(doc, |d| {
-        let (v, op) = d.get(ROOT, "v").ok().flatten()?;
-        let v = v.as_u64()?;
-        let t = match stamp {
-            Stamp::Field => d.get(ROOT, "t").ok().flatten()?.0.as_i64()?,
-            Stamp::Message => {
-                let change = d.get_change_meta_by_hash(&d.hash_for_opid(&op)?)?;
-                change.message.as_deref()?.parse().ok()?
-            }
-        };
-        Some((v, t))
-    })
-    .ok()
-    .flatten()
-}
-
 fn heads_contain(repo: &mut Repo<MemoryStorage>, doc: &DocumentId) -> bool {
     repo.is_acknowledged(CONN, doc).unwrap_or(false)
 }
@@ -462,14 +577,14 @@ struct Writer {
     client: Client,
     doc: DocumentId,
     seq: u64,
-    stamp: Stamp,
+    workload: Workload,
 }
 
 impl Writer {
     fn put(&mut self) {
         self.seq += 1;
         let (v, t) = (self.seq, now_us());
-        if let Err(e) = self.stamp.write(&mut self.client.repo, &self.doc, v, t) {
+        if let Err(e) = self.workload.write(&mut self.client.repo, &self.doc, v, t) {
             self.client
                 .closed
                 .get_or_insert(format!("change failed: {e}"));
@@ -569,7 +684,7 @@ fn spawn_writer(
     url: String,
     deadline: Instant,
     setup_end: Instant,
-    stamp: Stamp,
+    workload: Workload,
     cmds: mpsc::Receiver<WriterCmd>,
     doc: oneshot::Sender<Result<DocumentId>>,
 ) -> Result<std::thread::JoinHandle<()>> {
@@ -585,7 +700,7 @@ fn spawn_writer(
                         Client::connect(&url, "loadgen-writer".into(), deadline).await?;
                     let t = now_us();
                     let id = client
-                        .create_stored(setup_end, |repo, doc| stamp.write(repo, doc, 0, t))
+                        .create_stored(setup_end, |repo, doc| workload.create(repo, doc, t))
                         .await?;
                     anyhow::Ok((client, id))
                 };
@@ -601,7 +716,7 @@ fn spawn_writer(
                     client,
                     doc: id,
                     seq: 0,
-                    stamp,
+                    workload,
                 };
                 writer.run(cmds).await.close().await;
             });
@@ -633,7 +748,7 @@ struct ReaderReport {
 async fn reader(
     mut client: Client,
     doc: DocumentId,
-    stamp: Stamp,
+    workload: Workload,
     progress: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
 ) -> ReaderReport {
@@ -643,7 +758,7 @@ async fn reader(
     // arrived was applied.
     let mut observe = |client: &mut Client, first: (i64, Vec<u8>)| {
         let arrived_us = client.receive_queued(first);
-        if let Some((v, t)) = read_vt(&mut client.repo, &doc, stamp)
+        if let Some((v, t)) = client.repo.view(&doc, |d| workload.read(d)).ok().flatten()
             && last.is_none_or(|l| v > l)
         {
             last = Some(v);
@@ -797,7 +912,8 @@ fn phase_stats(
     let mut latencies: Vec<i64> = Vec::new();
     let mut arrivals: Vec<i64> = Vec::new();
     let mut rates: Vec<f64> = Vec::new();
-    let mut windows: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    // By send window: latencies, and arrivals at the socket.
+    let mut windows: BTreeMap<i64, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
     let window_us = (window_secs * 1e6) as i64;
     for r in readers {
         let mine: Vec<&Seen> = r
@@ -807,13 +923,14 @@ fn phase_stats(
             .collect();
         distinct.push(mine.len() as u64);
         for s in &mine {
-            let lat = s.seen_us - s.sent_us;
+            let (lat, arrival) = (s.seen_us - s.sent_us, s.arrived_us - s.sent_us);
             latencies.push(lat);
-            arrivals.push(s.arrived_us - s.sent_us);
-            windows
+            arrivals.push(arrival);
+            let window = windows
                 .entry((s.sent_us - sent.start_us) / window_us)
-                .or_default()
-                .push(lat);
+                .or_default();
+            window.0.push(lat);
+            window.1.push(arrival);
         }
         // Delivered: how far the reader's copy advanced, over the time it took.
         rates.push(match mine.last() {
@@ -835,13 +952,15 @@ fn phase_stats(
     };
     let windows: Vec<Value> = windows
         .into_iter()
-        .map(|(k, mut l)| {
+        .map(|(k, (mut l, mut a))| {
             l.sort_unstable();
+            a.sort_unstable();
             json!({
                 "from_s": round1(k as f64 * window_secs),
                 "observations": l.len(),
                 "p50_ms": ms(pct(&l, 50.0)),
                 "p99_ms": ms(pct(&l, 99.0)),
+                "arrival_p99_ms": ms(pct(&a, 99.0)),
             })
         })
         .collect();
@@ -886,7 +1005,7 @@ fn phase_stats(
 
 // ---- the run -------------------------------------------------------------
 
-async fn run(args: &Args, url: &str) -> Result<Value> {
+async fn run(args: &Args, url: &str, io: &Handle) -> Result<Value> {
     let total = args.setup_secs + 2.0 * (args.phase_secs + args.drain_secs) + 30.0;
     let deadline = Instant::now() + Duration::from_secs_f64(total);
     let setup_end = Instant::now() + Duration::from_secs_f64(args.setup_secs);
@@ -904,7 +1023,7 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
         url.to_owned(),
         deadline,
         setup_end,
-        args.stamp,
+        args.workload(),
         writer_rx,
         doc_tx,
     )?;
@@ -916,9 +1035,9 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
     // Readers connect and request the document.
     let mut connecting = Vec::new();
     for i in 0..args.readers {
-        let url = url.to_owned();
+        let (url, io) = (url.to_owned(), io.clone());
         connecting.push(tokio::spawn(async move {
-            Client::connect(&url, format!("loadgen-reader-{i}"), deadline).await
+            Client::connect_on(&url, format!("loadgen-reader-{i}"), deadline, &io).await
         }));
     }
     let mut progress = Vec::new();
@@ -930,7 +1049,7 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
         readers.push(tokio::spawn(reader(
             client,
             doc,
-            args.stamp,
+            args.workload(),
             p,
             stop_rx.clone(),
         )));
@@ -1031,6 +1150,7 @@ async fn run(args: &Args, url: &str) -> Result<Value> {
         "url": url,
         "readers": args.readers,
         "stamp": args.stamp.name(),
+        "records": args.records,
         "rate": args.rate,
         "phase_secs": args.phase_secs,
         "setup_secs": round2(setup_secs),
@@ -1081,12 +1201,13 @@ const ROWS: &[(&str, &str)] = &[
     ("loadgen CPU (% of a core)", "/loadgen/cpu_percent"),
 ];
 
-fn windows_line(phase: &Value) -> String {
+/// One p99 (`key`: "p99_ms" or "arrival_p99_ms") per send window.
+fn windows_line(phase: &Value, key: &str) -> String {
     phase["p99_by_send_window"]
         .as_array()
         .map(|w| {
             w.iter()
-                .map(|w| format!("{}s:{}", f(&w["from_s"]), f(&w["p99_ms"])))
+                .map(|w| format!("{}s:{}", f(&w["from_s"]), f(&w[key])))
                 .collect::<Vec<_>>()
                 .join(" ")
         })
@@ -1111,7 +1232,14 @@ fn print_report(r: &Value) {
                 f(p.pointer(ptr).unwrap_or(&Value::Null))
             );
         }
-        println!("    p99 by 2 s send window (ms)        {}", windows_line(p));
+        println!(
+            "    p99 by 2 s send window (ms)        {}",
+            windows_line(p, "p99_ms")
+        );
+        println!(
+            "    arrival p99 by send window (ms)    {}",
+            windows_line(p, "arrival_p99_ms")
+        );
     }
     println!(
         "  readers disconnected: {}",
@@ -1170,14 +1298,15 @@ fn compare(a_path: &Path, b_path: &Path) -> Result<()> {
     }
     let (an, bn) = (f(&a["label"]), f(&b["label"]));
     println!(
-        "fan-out: {} readers, rate phase {} changes/s, {} s per phase, send time in the {}",
+        "fan-out: {} readers, rate phase {} changes/s, {} s per phase, send time in the {}, {} records",
         f(&a["readers"]),
         f(&a["rate"]),
         f(&a["phase_secs"]),
-        f(&a["stamp"])
+        f(&a["stamp"]),
+        f(&a["records"])
     );
-    if a["stamp"] != b["stamp"] {
-        bail!("the two reports carried the send time differently (--stamp)");
+    if a["stamp"] != b["stamp"] || a["records"] != b["records"] {
+        bail!("the two reports ran different workloads (--stamp, --records)");
     }
     let empty = Vec::new();
     let (ap, bp) = (
@@ -1204,9 +1333,17 @@ fn compare(a_path: &Path, b_path: &Path) -> Result<()> {
                 ratio(va, vb)
             );
         }
-        println!("  p99 by 2 s send window (ms)");
-        println!("    {an}: {}", windows_line(pa));
-        println!("    {bn}: {}", windows_line(pb));
+        for (title, key) in [
+            ("p99 by 2 s send window (ms)", "p99_ms"),
+            (
+                "arrival at the socket, p99 by send window (ms)",
+                "arrival_p99_ms",
+            ),
+        ] {
+            println!("  {title}");
+            println!("    {an}: {}", windows_line(pa, key));
+            println!("    {bn}: {}", windows_line(pb, key));
+        }
     }
     println!();
     for r in [&a, &b] {
@@ -1252,10 +1389,19 @@ fn main() -> Result<()> {
     if args.rate <= 0.0 || args.phase_secs <= 0.0 || args.window_secs <= 0.0 {
         bail!("--rate, --phase-secs and --window-secs must be positive");
     }
+    if args.records > 0 && args.stamp != Stamp::Message {
+        bail!("--records needs --stamp message (the change's message names the record)");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(run(&args, &url))?;
+    // The readers' sockets, on a thread of their own (`Client::connect_on`).
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("loadgen-sockets")
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run(&args, &url, io.handle()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -289,7 +289,7 @@ async fn attempt(
     // runs leave the stores as they were.
     let mut config = RepoConfig::new(PeerId::new(format!("cold-start-{n}")));
     config.ephemeral = true;
-    let mut client = Client::over(ws, config, deadline).await?;
+    let mut client = Client::over(ws, config, deadline, None).await?;
     client.repo.request(doc)?;
     client.pump().await;
     let mut handshake = None;
