@@ -69,6 +69,16 @@ pub struct RepoConfig {
     /// milliseconds (by the `now` of [`Repo::receive`] and [`Repo::tick`])
     /// gets the waiting changes anyway, one message per interval.
     pub sync_window_timeout: Millis,
+    /// A peer that has not answered our last message about a document and
+    /// has at least this many of our changes to it unconfirmed gets no
+    /// further message about it until it answers; its answer then brings
+    /// one message with everything it lacks. Generating a message costs in
+    /// proportion to the changes the peer has not confirmed (automerge
+    /// walks them all, and the Bloom filter it sends grows with them), so
+    /// without a bound one peer that reads but does not answer would make
+    /// every flush slower for every peer, and its messages ever larger.
+    /// The default is 1,000; 0: no bound.
+    pub max_unanswered_changes: usize,
     /// Tandem's batch extension ([`crate::protocol::BATCH_EXTENSION`]): with
     /// a peer that negotiated it, the `request` and `sync` messages one flush
     /// makes for that peer go in batch frames of at most this many bytes of
@@ -92,6 +102,7 @@ impl RepoConfig {
             sync_state_interval: 0,
             sync_window: 0,
             sync_window_timeout: 250,
+            max_unanswered_changes: 1_000,
             batch_bytes: if cfg!(target_arch = "wasm32") {
                 0
             } else {
@@ -1038,6 +1049,7 @@ impl<S: Storage> Repo<S> {
     fn generate_sync_messages(&mut self) {
         let max = self.config.max_messages_per_flush;
         let (window, timeout) = (self.config.sync_window, self.config.sync_window_timeout);
+        let unanswered = self.config.max_unanswered_changes;
         let mut held = Vec::new();
         // Generating is a function of the document and the sync state only:
         // peers in the same state with a document (readers in step, as in a
@@ -1075,6 +1087,10 @@ impl<S: Storage> Repo<S> {
                 && self.now.saturating_sub(pd.last_sent) < timeout
             {
                 held.push((cid, id));
+                continue;
+            }
+            // Its answer queues it again (`receive_sync`).
+            if unanswered > 0 && pd.sync.in_flight && pd.sync.sent_hashes.len() >= unanswered {
                 continue;
             }
             // What to send is often decided without automerge (`stored`): from

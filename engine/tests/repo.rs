@@ -1121,6 +1121,112 @@ fn a_sync_window_holds_changes_until_the_peer_answers() {
     assert!(hub.is_acknowledged(hc, &doc).unwrap());
 }
 
+/// Flush `hub`, hand `live` (on `lc`) what it sent it and the hub its
+/// answers, three times over; returns the frames for `qc`, unread.
+fn route(
+    hub: &mut Repo<MemoryStorage>,
+    live: &mut Repo<MemoryStorage>,
+    lc: ConnectionId,
+    qc: ConnectionId,
+) -> Vec<Vec<u8>> {
+    let mut unread = Vec::new();
+    for _ in 0..3 {
+        hub.flush().unwrap();
+        for o in hub.drain_outputs() {
+            if let Output::Send { connection, frame } = o {
+                if connection == qc {
+                    unread.push(frame);
+                } else {
+                    assert_eq!(connection, lc);
+                    live.receive(2_000, ConnectionId(1), &frame).unwrap();
+                }
+            }
+        }
+        live.flush().unwrap();
+        for o in live.drain_outputs() {
+            if let Output::Send { frame, .. } = o {
+                hub.receive(2_000, lc, &frame).unwrap();
+            }
+        }
+    }
+    unread
+}
+
+/// A peer that reads but does not answer costs the hub nothing past
+/// `max_unanswered_changes`: it is sent nothing more (each message would
+/// walk every change it has not confirmed, and carry a Bloom filter of
+/// them) until it answers, and each answer brings one message. A peer that
+/// answers is never held, and 0 lifts the bound.
+#[test]
+fn a_peer_that_stops_answering_is_sent_nothing_past_its_bound() {
+    for bound in [20, 0] {
+        let (mut hub, _w, doc) = hub_and_writer(RepoConfig {
+            max_unanswered_changes: bound,
+            ..config("server")
+        });
+        let (mut quiet, mut live) = (client("quiet"), client("live"));
+        let (qc, lc) = (ConnectionId(8), ConnectionId(9));
+        for (r, c) in [(&mut quiet, qc), (&mut live, lc)] {
+            r.connect(ConnectionId(1), Direction::Outgoing).unwrap();
+            hub.connect(c, Direction::Incoming).unwrap();
+            r.request(doc).unwrap();
+            exchange(r, &mut hub, c, 1_000);
+            assert_eq!(get(r, &doc, "v"), Some(0));
+        }
+        // 30 changes in one flush, then 70 flushed one by one; `live`
+        // answers each message, `quiet` none.
+        for v in 1..=29 {
+            put(&mut hub, &doc, "v", v);
+        }
+        let mut unread = Vec::new();
+        for v in 30..=100 {
+            put(&mut hub, &doc, "v", v);
+            unread.extend(route(&mut hub, &mut live, lc, qc));
+            assert_eq!(get(&mut live, &doc, "v"), Some(v), "live is held");
+        }
+        if bound == 0 {
+            assert!(unread.len() > 70, "{} frames unbounded", unread.len());
+        } else {
+            // The first message left 30 changes unconfirmed.
+            assert_eq!(unread.len(), 1, "frames past the bound");
+        }
+        // `quiet` speaks (a change of its own) without having read a thing:
+        // that answer brings it a message, and no more.
+        put(&mut quiet, &doc, "q", 1);
+        quiet.flush().unwrap();
+        for o in quiet.drain_outputs() {
+            if let Output::Send { frame, .. } = o {
+                hub.receive(3_000, qc, &frame).unwrap();
+            }
+        }
+        let answered = route(&mut hub, &mut live, lc, qc);
+        assert!(
+            !answered.is_empty(),
+            "bound {bound}: nothing after its answer"
+        );
+        put(&mut hub, &doc, "v", 101);
+        let more = route(&mut hub, &mut live, lc, qc);
+        if bound > 0 {
+            assert!(
+                more.is_empty(),
+                "{} frames before it answered again",
+                more.len()
+            );
+        }
+        // It reads everything and answers: it ends with every change, and
+        // the hub and `live` with its own.
+        for f in unread.into_iter().chain(answered).chain(more) {
+            quiet.receive(3_000, ConnectionId(1), &f).unwrap();
+        }
+        exchange(&mut quiet, &mut hub, qc, 3_000);
+        assert_eq!(get(&mut quiet, &doc, "v"), Some(101), "bound {bound}");
+        assert!(route(&mut hub, &mut live, lc, qc).is_empty());
+        assert_eq!(get(&mut live, &doc, "q"), Some(1), "bound {bound}");
+        assert!(hub.is_acknowledged(qc, &doc).unwrap());
+        assert!(hub.is_acknowledged(lc, &doc).unwrap());
+    }
+}
+
 // ---- bad input ---------------------------------------------------------------
 
 #[test]

@@ -89,6 +89,12 @@ struct ServeOptions {
     /// changes at once, however far behind the client is [default: 0].
     #[arg(long, env = "TANDEM_SYNC_WINDOW")]
     sync_window: Option<usize>,
+    /// A client that has not answered the relay's last message about a
+    /// document, with at least this many changes to it unconfirmed, is
+    /// sent nothing more about it until it answers (each message would
+    /// cost the relay in proportion to them). 0: no bound [default: 1000].
+    #[arg(long, env = "TANDEM_MAX_UNANSWERED_CHANGES")]
+    max_unanswered_changes: Option<usize>,
 }
 
 impl ServeOptions {
@@ -115,6 +121,7 @@ impl ServeOptions {
             allow_anonymous: self.allow_anonymous || file.allow_anonymous,
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             sync_window: self.sync_window.or(file.sync_window),
+            max_unanswered_changes: self.max_unanswered_changes.or(file.max_unanswered_changes),
         })
     }
 }
@@ -250,6 +257,9 @@ async fn run() -> Result<()> {
             // acknowledgements (RepoConfig::sync_state_interval).
             repo_config.sync_state_interval = 1_000;
             repo_config.sync_window = options.sync_window.unwrap_or(0);
+            if let Some(n) = options.max_unanswered_changes {
+                repo_config.max_unanswered_changes = n;
+            }
             let repo = Repo::open(storage, repo_config, auth.policy())?;
             let anonymous = matches!(auth, Auth::Anonymous);
             if anonymous && !listen.ip().is_loopback() {

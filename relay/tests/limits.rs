@@ -293,3 +293,72 @@ async fn a_fast_sender_is_throttled_and_nothing_is_lost() {
     assert_eq!(received as u64, COUNT, "throttling lost messages");
     assert!(stats.throttled() > 0, "the sender was never throttled");
 }
+
+/// Sync frames with changes that arrive on `ws` within `time`, unread by any
+/// repo.
+async fn read_raw(ws: &mut support::Socket, time: Duration, into: &mut Vec<Vec<u8>>) {
+    let end = tokio::time::Instant::now() + time;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(end, ws.next()).await {
+        if let tokio_tungstenite::tungstenite::Message::Binary(b) = msg {
+            into.push(b.to_vec());
+        }
+    }
+}
+
+/// A client that reads its socket (so pings are answered and nothing backs
+/// up) but never answers a sync message: past `--max-unanswered-changes`
+/// the relay sends it nothing more about the document, while the others get
+/// every change; when it finally reads and answers, it gets them all.
+#[tokio::test]
+async fn a_client_that_never_answers_is_sent_nothing_past_the_bound() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut relay, url) = support::start_binary(
+        data.path(),
+        &["--allow-anonymous", "--max-unanswered-changes", "20"],
+    );
+    let (doc, mut clients) = shared_doc(&url, &["writer", "fast", "mute"], false).await;
+    let mut mute = clients.pop().unwrap();
+    let mut fast = clients.pop().unwrap();
+    let mut writer = clients.pop().unwrap();
+
+    let mut unread = Vec::new();
+    for i in 1..=100 {
+        writer.repo.change(&doc, |d| d.put(ROOT, "n", i)).unwrap();
+        writer
+            .until("the relay to store the change", |r| acked(r, &doc))
+            .await;
+        fast.run_for(Duration::from_millis(1)).await;
+        read_raw(&mut mute.ws, Duration::from_millis(1), &mut unread).await;
+    }
+    fast.until("every change at the fast reader", |r| {
+        value(r, &doc) == Some(100)
+    })
+    .await;
+    read_raw(&mut mute.ws, Duration::from_millis(300), &mut unread).await;
+    let with_changes = unread
+        .iter()
+        .filter(|f| match Message::decode(f).unwrap() {
+            Message::Sync { data, .. } => !tandem_engine::automerge::sync::Message::decode(&data)
+                .unwrap()
+                .changes
+                .is_empty(),
+            _ => false,
+        })
+        .count();
+    // One change per message until 20 were unconfirmed (a message may
+    // carry two if the writer's were merged).
+    assert!(
+        (1..=20).contains(&with_changes),
+        "{with_changes} messages with changes to a client that never answered"
+    );
+
+    for f in &unread {
+        mute.repo.receive(0, support::CONN, f).unwrap();
+    }
+    mute.until("every change at the client that answered at last", |r| {
+        value(r, &doc) == Some(100)
+    })
+    .await;
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+}
