@@ -69,16 +69,22 @@ pub struct RepoConfig {
     /// milliseconds (by the `now` of [`Repo::receive`] and [`Repo::tick`])
     /// gets the waiting changes anyway, one message per interval.
     pub sync_window_timeout: Millis,
-    /// A peer that has not answered our last message about a document and
-    /// has at least this many of our changes to it unconfirmed gets no
-    /// further message about it until it answers; its answer then brings
-    /// one message with everything it lacks. Generating a message costs in
-    /// proportion to the changes the peer has not confirmed (automerge
-    /// walks them all, and the Bloom filter it sends grows with them), so
-    /// without a bound one peer that reads but does not answer would make
-    /// every flush slower for every peer, and its messages ever larger.
+    /// A peer that has not answered our messages about a document for
+    /// `unanswered_grace`, with at least this many of our changes to it
+    /// unconfirmed, gets no further message about it until it answers; its
+    /// answer then brings one message with everything it lacks. Generating
+    /// a message costs in proportion to the changes the peer has not
+    /// confirmed (automerge walks them all, and the Bloom filter it sends
+    /// grows with them), so without a bound one peer that reads but does
+    /// not answer would make every flush slower for every peer, and its
+    /// messages ever larger. A peer that is behind but answers is not held.
     /// The default is 1,000; 0: no bound.
     pub max_unanswered_changes: usize,
+    /// With `max_unanswered_changes`: how long (by the `now` of
+    /// [`Repo::receive`] and [`Repo::tick`]) a peer may leave our first
+    /// unanswered message unanswered before it is held. The default, 2 s,
+    /// is longer than a busy reader takes to answer.
+    pub unanswered_grace: Millis,
     /// Tandem's batch extension ([`crate::protocol::BATCH_EXTENSION`]): with
     /// a peer that negotiated it, the `request` and `sync` messages one flush
     /// makes for that peer go in batch frames of at most this many bytes of
@@ -103,6 +109,7 @@ impl RepoConfig {
             sync_window: 0,
             sync_window_timeout: 250,
             max_unanswered_changes: 1_000,
+            unanswered_grace: 2_000,
             batch_bytes: if cfg!(target_arch = "wasm32") {
                 0
             } else {
@@ -1049,7 +1056,10 @@ impl<S: Storage> Repo<S> {
     fn generate_sync_messages(&mut self) {
         let max = self.config.max_messages_per_flush;
         let (window, timeout) = (self.config.sync_window, self.config.sync_window_timeout);
-        let unanswered = self.config.max_unanswered_changes;
+        let (unanswered, grace) = (
+            self.config.max_unanswered_changes,
+            self.config.unanswered_grace,
+        );
         let mut held = Vec::new();
         // Generating is a function of the document and the sync state only:
         // peers in the same state with a document (readers in step, as in a
@@ -1090,7 +1100,12 @@ impl<S: Storage> Repo<S> {
                 continue;
             }
             // Its answer queues it again (`receive_sync`).
-            if unanswered > 0 && pd.sync.in_flight && pd.sync.sent_hashes.len() >= unanswered {
+            if unanswered > 0
+                && pd.sync.sent_hashes.len() >= unanswered
+                && pd
+                    .unanswered_since
+                    .is_some_and(|since| self.now.saturating_sub(since) >= grace)
+            {
                 continue;
             }
             // What to send is often decided without automerge (`stored`): from
@@ -1130,6 +1145,7 @@ impl<S: Storage> Repo<S> {
                         pd.in_flight.push_back(heads);
                         pd.last_sent = self.now;
                     }
+                    pd.unanswered_since.get_or_insert(self.now);
                     sends.push((
                         cid,
                         Batched {
@@ -1201,6 +1217,9 @@ impl<S: Storage> Repo<S> {
                 }
                 pd.in_flight.push_back(doc.get_heads());
                 pd.last_sent = self.now;
+            }
+            if !messages.is_empty() {
+                pd.unanswered_since.get_or_insert(self.now);
             }
             let request = empty && !pd.received;
             sends.extend(messages.into_iter().map(|data| {

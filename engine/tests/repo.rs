@@ -1121,15 +1121,16 @@ fn a_sync_window_holds_changes_until_the_peer_answers() {
     assert!(hub.is_acknowledged(hc, &doc).unwrap());
 }
 
-/// Flush `hub`, hand `live` (on `lc`) what it sent it and the hub its
-/// answers, three times over; returns the frames for `qc`, unread.
+/// At `now`, flush `hub`, hand `live` (on `lc`) what it sent it and the hub
+/// its answers, three times over; returns the frames for `qc`, unread.
 fn route(
     hub: &mut Repo<MemoryStorage>,
     live: &mut Repo<MemoryStorage>,
-    lc: ConnectionId,
-    qc: ConnectionId,
+    (lc, qc): (ConnectionId, ConnectionId),
+    now: u64,
 ) -> Vec<Vec<u8>> {
     let mut unread = Vec::new();
+    hub.tick(now);
     for _ in 0..3 {
         hub.flush().unwrap();
         for o in hub.drain_outputs() {
@@ -1138,74 +1139,83 @@ fn route(
                     unread.push(frame);
                 } else {
                     assert_eq!(connection, lc);
-                    live.receive(2_000, ConnectionId(1), &frame).unwrap();
+                    live.receive(now, ConnectionId(1), &frame).unwrap();
                 }
             }
         }
         live.flush().unwrap();
         for o in live.drain_outputs() {
             if let Output::Send { frame, .. } = o {
-                hub.receive(2_000, lc, &frame).unwrap();
+                hub.receive(now, lc, &frame).unwrap();
             }
         }
     }
     unread
 }
 
-/// A peer that reads but does not answer costs the hub nothing past
-/// `max_unanswered_changes`: it is sent nothing more (each message would
-/// walk every change it has not confirmed, and carry a Bloom filter of
-/// them) until it answers, and each answer brings one message. A peer that
-/// answers is never held, and 0 lifts the bound.
+/// A peer that reads but does not answer costs the hub nothing once it has
+/// left `max_unanswered_changes` unconfirmed for `unanswered_grace`: it is
+/// sent nothing more (each message would walk every change it has not
+/// confirmed, and carry a Bloom filter of them) until it answers, and each
+/// answer brings one message. A peer that answers is never held, and 0
+/// lifts the bound.
 #[test]
 fn a_peer_that_stops_answering_is_sent_nothing_past_its_bound() {
     for bound in [20, 0] {
         let (mut hub, _w, doc) = hub_and_writer(RepoConfig {
             max_unanswered_changes: bound,
+            unanswered_grace: 100,
             ..config("server")
         });
         let (mut quiet, mut live) = (client("quiet"), client("live"));
-        let (qc, lc) = (ConnectionId(8), ConnectionId(9));
-        for (r, c) in [(&mut quiet, qc), (&mut live, lc)] {
+        let conns = (ConnectionId(9), ConnectionId(8));
+        for (r, c) in [(&mut quiet, conns.1), (&mut live, conns.0)] {
             r.connect(ConnectionId(1), Direction::Outgoing).unwrap();
             hub.connect(c, Direction::Incoming).unwrap();
             r.request(doc).unwrap();
             exchange(r, &mut hub, c, 1_000);
             assert_eq!(get(r, &doc, "v"), Some(0));
         }
-        // 30 changes in one flush, then 70 flushed one by one; `live`
-        // answers each message, `quiet` none.
+        // 30 changes in one flush, then 70 flushed one by one, 10 ms
+        // apart; `live` answers each message, `quiet` none.
         for v in 1..=29 {
             put(&mut hub, &doc, "v", v);
         }
         let mut unread = Vec::new();
+        let mut before_grace = 0;
         for v in 30..=100 {
             put(&mut hub, &doc, "v", v);
-            unread.extend(route(&mut hub, &mut live, lc, qc));
+            let now = 2_000 + 10 * v as u64;
+            unread.extend(route(&mut hub, &mut live, conns, now));
             assert_eq!(get(&mut live, &doc, "v"), Some(v), "live is held");
+            if now < 2_300 + 100 {
+                before_grace = unread.len();
+            }
         }
         if bound == 0 {
             assert!(unread.len() > 70, "{} frames unbounded", unread.len());
         } else {
-            // The first message left 30 changes unconfirmed.
-            assert_eq!(unread.len(), 1, "frames past the bound");
+            // Sent until 100 ms after its first unanswered message (at
+            // 2,300), with 30 changes unconfirmed from the first.
+            assert!(before_grace >= 5, "{before_grace} frames within the grace");
+            assert_eq!(unread.len(), before_grace, "frames past the bound");
         }
         // `quiet` speaks (a change of its own) without having read a thing:
-        // that answer brings it a message, and no more.
+        // that answer brings it a message, and, past the grace, no more.
         put(&mut quiet, &doc, "q", 1);
         quiet.flush().unwrap();
         for o in quiet.drain_outputs() {
             if let Output::Send { frame, .. } = o {
-                hub.receive(3_000, qc, &frame).unwrap();
+                hub.receive(3_000, conns.1, &frame).unwrap();
             }
         }
-        let answered = route(&mut hub, &mut live, lc, qc);
+        let answered = route(&mut hub, &mut live, conns, 3_000);
         assert!(
             !answered.is_empty(),
             "bound {bound}: nothing after its answer"
         );
         put(&mut hub, &doc, "v", 101);
-        let more = route(&mut hub, &mut live, lc, qc);
+        let more = route(&mut hub, &mut live, conns, 3_200);
         if bound > 0 {
             assert!(
                 more.is_empty(),
@@ -1216,14 +1226,14 @@ fn a_peer_that_stops_answering_is_sent_nothing_past_its_bound() {
         // It reads everything and answers: it ends with every change, and
         // the hub and `live` with its own.
         for f in unread.into_iter().chain(answered).chain(more) {
-            quiet.receive(3_000, ConnectionId(1), &f).unwrap();
+            quiet.receive(3_300, ConnectionId(1), &f).unwrap();
         }
-        exchange(&mut quiet, &mut hub, qc, 3_000);
+        exchange(&mut quiet, &mut hub, conns.1, 3_300);
         assert_eq!(get(&mut quiet, &doc, "v"), Some(101), "bound {bound}");
-        assert!(route(&mut hub, &mut live, lc, qc).is_empty());
+        assert!(route(&mut hub, &mut live, conns, 3_400).is_empty());
         assert_eq!(get(&mut live, &doc, "q"), Some(1), "bound {bound}");
-        assert!(hub.is_acknowledged(qc, &doc).unwrap());
-        assert!(hub.is_acknowledged(lc, &doc).unwrap());
+        assert!(hub.is_acknowledged(conns.1, &doc).unwrap());
+        assert!(hub.is_acknowledged(conns.0, &doc).unwrap());
     }
 }
 

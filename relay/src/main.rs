@@ -89,10 +89,11 @@ struct ServeOptions {
     /// changes at once, however far behind the client is [default: 0].
     #[arg(long, env = "TANDEM_SYNC_WINDOW")]
     sync_window: Option<usize>,
-    /// A client that has not answered the relay's last message about a
-    /// document, with at least this many changes to it unconfirmed, is
-    /// sent nothing more about it until it answers (each message would
-    /// cost the relay in proportion to them). 0: no bound [default: 1000].
+    /// A client that has left the relay's messages about a document
+    /// unanswered for 2 s, with at least this many changes to it
+    /// unconfirmed, is sent nothing more about it until it answers (each
+    /// message would cost the relay in proportion to them). 0: no bound
+    /// [default: 1000].
     #[arg(long, env = "TANDEM_MAX_UNANSWERED_CHANGES")]
     max_unanswered_changes: Option<usize>,
 }

@@ -36,6 +36,9 @@ pub(crate) struct PeerDoc {
     pub(crate) in_flight: VecDeque<Vec<ChangeHash>>,
     /// When we last sent it a message with changes.
     pub(crate) last_sent: Millis,
+    /// When we sent it the first message it has not answered yet (None:
+    /// it has answered; [`crate::RepoConfig::max_unanswered_changes`]).
+    pub(crate) unanswered_since: Option<Millis>,
 }
 
 impl PeerDoc {
@@ -49,6 +52,7 @@ impl PeerDoc {
             received: false,
             in_flight: VecDeque::new(),
             last_sent: 0,
+            unanswered_since: None,
         }
     }
 
@@ -56,6 +60,7 @@ impl PeerDoc {
     /// forget the messages it has now acknowledged, that is all of them once
     /// it has every change we sent, else those whose heads it names.
     pub(crate) fn answered(&mut self) {
+        self.unanswered_since = None;
         if self.sync.sent_hashes.is_empty() {
             self.in_flight.clear();
             return;

@@ -313,6 +313,11 @@ fn measuring_config(name: String) -> RepoConfig {
     // Node server are measured on the same frames (Tandem's batch extension
     // would only be negotiated with the relay).
     config.batch_bytes = 0;
+    // Nor does it hold messages for a server slow to answer (automerge-repo
+    // clients have no such bound): with it, the writer would send a
+    // server that answers late its changes in fewer, larger messages, and
+    // the two servers would no longer get the same load.
+    config.max_unanswered_changes = 0;
     config
 }
 
