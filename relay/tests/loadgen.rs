@@ -22,12 +22,13 @@ fn loadgen(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("a JSON report")
 }
 
-#[test]
-fn a_short_fan_out_reaches_every_reader() {
+/// A short fan-out (3 readers, 1 s per phase) against a new relay, with
+/// `extra` arguments for the load generator.
+fn short_fan_out(extra: &[&str]) -> Value {
     let data = tempfile::tempdir().unwrap();
     let (mut relay, url) = support::start_binary(data.path(), &["--allow-anonymous"]);
     let pid = relay.id().to_string();
-    let report = loadgen(&[
+    let mut args = vec![
         "--url",
         &url,
         "--server-pid",
@@ -41,10 +42,17 @@ fn a_short_fan_out_reaches_every_reader() {
         "--drain-secs",
         "20",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let report = loadgen(&args);
     relay.kill().unwrap();
     relay.wait().unwrap();
+    report
+}
 
+#[test]
+fn a_short_fan_out_reaches_every_reader() {
+    let report = short_fan_out(&[]);
     assert_eq!(report["readers"], 3);
     assert_eq!(report["readers_disconnected"].as_array().unwrap().len(), 0);
     let phases = report["phases"].as_array().unwrap();
@@ -68,31 +76,12 @@ fn a_short_fan_out_reaches_every_reader() {
 
 #[test]
 fn a_fan_out_over_records_reads_each_value_from_its_record() {
-    let data = tempfile::tempdir().unwrap();
-    let (mut relay, url) = support::start_binary(data.path(), &["--allow-anonymous"]);
-    let report = loadgen(&[
-        "--url",
-        &url,
-        "--readers",
-        "2",
-        "--rate",
-        "20",
-        "--phase-secs",
-        "1",
-        "--drain-secs",
-        "20",
-        "--records",
-        "7",
-        "--json",
-    ]);
-    relay.kill().unwrap();
-    relay.wait().unwrap();
-
+    let report = short_fan_out(&["--records", "7"]);
     assert_eq!(report["records"], 7);
     assert_eq!(report["readers_disconnected"].as_array().unwrap().len(), 0);
     for phase in report["phases"].as_array().unwrap() {
         let name = &phase["phase"];
-        assert_eq!(phase["caught_up_readers"], 2, "{name}: {phase}");
+        assert_eq!(phase["caught_up_readers"], 3, "{name}: {phase}");
         // A reader only counts a value it found in the record the change
         // names: every reader saw some, and the last.
         let seen = &phase["distinct_seen"];
