@@ -81,9 +81,9 @@ pub struct RepoConfig {
     /// The default is 1,000; 0: no bound.
     pub max_unanswered_changes: usize,
     /// With `max_unanswered_changes`: how long (by the `now` of
-    /// [`Repo::receive`] and [`Repo::tick`]) a peer may leave our first
-    /// unanswered message unanswered before it is held. The default, 2 s,
-    /// is longer than a busy reader takes to answer.
+    /// [`Repo::receive`] and [`Repo::tick`]) a peer may leave the first
+    /// message with changes that it has not answered before it is held.
+    /// The default, 2 s, is longer than a busy reader takes to answer.
     pub unanswered_grace: Millis,
     /// Tandem's batch extension ([`crate::protocol::BATCH_EXTENSION`]): with
     /// a peer that negotiated it, the `request` and `sync` messages one flush
@@ -1145,7 +1145,9 @@ impl<S: Storage> Repo<S> {
                         pd.in_flight.push_back(heads);
                         pd.last_sent = self.now;
                     }
-                    pd.unanswered_since.get_or_insert(self.now);
+                    if !message.changes.is_empty() {
+                        pd.unanswered_since.get_or_insert(self.now);
+                    }
                     sends.push((
                         cid,
                         Batched {
@@ -1218,7 +1220,7 @@ impl<S: Storage> Repo<S> {
                 pd.in_flight.push_back(doc.get_heads());
                 pd.last_sent = self.now;
             }
-            if !messages.is_empty() {
+            if changes {
                 pd.unanswered_since.get_or_insert(self.now);
             }
             let request = empty && !pd.received;

@@ -36,8 +36,9 @@ pub(crate) struct PeerDoc {
     pub(crate) in_flight: VecDeque<Vec<ChangeHash>>,
     /// When we last sent it a message with changes.
     pub(crate) last_sent: Millis,
-    /// When we sent it the first message it has not answered yet (None:
-    /// it has answered; [`crate::RepoConfig::max_unanswered_changes`]).
+    /// When we sent it the first message with changes that it has not
+    /// answered yet (None: it has answered since;
+    /// [`crate::RepoConfig::max_unanswered_changes`]).
     pub(crate) unanswered_since: Option<Millis>,
 }
 
