@@ -1138,15 +1138,8 @@ impl<S: Storage> Repo<S> {
             let decided: Option<Option<(Vec<ChangeHash>, sync::Message)>> = None;
             if let Some(answer) = decided {
                 if let Some((heads, message)) = answer {
-                    if window > 0 && !message.changes.is_empty() {
-                        if pd.in_flight.len() >= window {
-                            pd.in_flight.pop_front();
-                        }
-                        pd.in_flight.push_back(heads);
-                        pd.last_sent = self.now;
-                    }
                     if !message.changes.is_empty() {
-                        pd.unanswered_since.get_or_insert(self.now);
+                        pd.sent_changes(window, self.now, || heads);
                     }
                     sends.push((
                         cid,
@@ -1213,15 +1206,8 @@ impl<S: Storage> Repo<S> {
                     }
                 }
             };
-            if changes && window > 0 {
-                if pd.in_flight.len() >= window {
-                    pd.in_flight.pop_front();
-                }
-                pd.in_flight.push_back(doc.get_heads());
-                pd.last_sent = self.now;
-            }
             if changes {
-                pd.unanswered_since.get_or_insert(self.now);
+                pd.sent_changes(window, self.now, || doc.get_heads());
             }
             let request = empty && !pd.received;
             sends.extend(messages.into_iter().map(|data| {

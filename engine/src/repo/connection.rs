@@ -57,6 +57,25 @@ impl PeerDoc {
         }
     }
 
+    /// We sent it a message with changes at `now`: with a `window`, record
+    /// our heads (`heads`) among its unanswered messages; and note when it
+    /// started owing us an answer.
+    pub(crate) fn sent_changes(
+        &mut self,
+        window: usize,
+        now: Millis,
+        heads: impl FnOnce() -> Vec<ChangeHash>,
+    ) {
+        if window > 0 {
+            if self.in_flight.len() >= window {
+                self.in_flight.pop_front();
+            }
+            self.in_flight.push_back(heads());
+            self.last_sent = now;
+        }
+        self.unanswered_since.get_or_insert(now);
+    }
+
     /// The peer answered (its sync state has just taken in its message):
     /// forget the messages it has now acknowledged, that is all of them once
     /// it has every change we sent, else those whose heads it names.

@@ -186,7 +186,7 @@ impl Workload {
         let options = CommitOptions::default().with_message(format!("{t} 0"));
         repo.change_with(doc, options, |d| {
             for r in 0..self.records {
-                let record = d.put_object(ROOT, format!("r{r}"), ObjType::Map)?;
+                let record = d.put_object(ROOT, self.record(u64::from(r)), ObjType::Map)?;
                 d.put(&record, "v", 0u64)?;
             }
             Ok(())
